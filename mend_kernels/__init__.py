@@ -1,0 +1,55 @@
+"""mend_kernels: fast, memory-lean MEND model editing (Mitchell et al., ICLR 2022).
+
+Quick start::
+
+    import mend_kernels as mk
+    editor = mk.MENDEditor.for_model(model)                      # identity-initialised editor
+    handle = editor.edit(model, prompts=["The Eiffel Tower is in"], targets=["Rome"], tokenizer=tok)
+    handle.revert()                                              # restores the weights bit for bit
+"""
+
+from . import ops
+from .capture import RowCapture, capture_edit_rows
+from .edit import EditHandle, WeightEdit, apply_edits, load_edits, save_edits
+from .editor import EditorConfig, MENDEditor, ShapeGroupEditor
+from .errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    InvalidInputError,
+    MendError,
+    NonFiniteError,
+    StaleEditError,
+    TargetError,
+)
+from .losses import token_nll
+from .requests import encode_requests
+from .targets import PRESETS, EditTarget, resolve_targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "BackendUnavailableError",
+    "CheckpointError",
+    "EditHandle",
+    "EditTarget",
+    "EditorConfig",
+    "InvalidInputError",
+    "MENDEditor",
+    "MendError",
+    "NonFiniteError",
+    "RowCapture",
+    "ShapeGroupEditor",
+    "StaleEditError",
+    "TargetError",
+    "WeightEdit",
+    "__version__",
+    "apply_edits",
+    "capture_edit_rows",
+    "encode_requests",
+    "load_edits",
+    "ops",
+    "resolve_targets",
+    "save_edits",
+    "token_nll",
+]

@@ -1,0 +1,56 @@
+"""Argument checks shared by the ops and the editor API: each failure names the argument."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .errors import InvalidInputError, NonFiniteError
+
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensor(
+    name: str,
+    value: object,
+    *,
+    ndim: int | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    shape: Sequence[int | None] | None = None,
+    min_rows: int | None = None,
+    contiguous: bool = False,
+) -> torch.Tensor:
+    """Check a tensor argument; ``None`` in ``shape`` accepts any size in that dimension."""
+    if not isinstance(value, torch.Tensor):
+        raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise InvalidInputError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if value.dtype not in dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise InvalidInputError(f"{name} must have dtype {names}, got {value.dtype}")
+    if device is not None and value.device != torch.device(device):
+        raise InvalidInputError(f"{name} is on {value.device}, expected {device}")
+    if shape is not None:
+        if len(shape) != value.dim() or any(
+            want is not None and want != got for want, got in zip(shape, value.shape)
+        ):
+            expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise InvalidInputError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+    if min_rows is not None and value.shape[0] < min_rows:
+        raise InvalidInputError(f"{name} must have at least {min_rows} row(s), got {value.shape[0]}")
+    if contiguous and not value.is_contiguous():
+        raise InvalidInputError(f"{name} must be contiguous, got strides {value.stride()}")
+    return value
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """Raise NonFiniteError if ``value`` holds NaN or infinity (one host sync)."""
+    if value.is_meta or bool(torch.isfinite(value).all()):
+        return
+    n_nan = int(torch.isnan(value).sum())
+    n_inf = value.numel() - n_nan - int(torch.isfinite(value).sum())
+    raise NonFiniteError(f"{name} contains {n_nan} NaN and {n_inf} infinite value(s)")

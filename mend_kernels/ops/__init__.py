@@ -1,0 +1,27 @@
+"""The fused ops of mend_kernels, one file each, dispatched per backend (see ``_dispatch``).
+
+Public functional entry points:
+
+- :func:`rank_update_`     in-place ``W += s * alpha * delta~^T u~`` for Linear and Conv1D layouts
+- :func:`running_moments_` vectorised merge of the editor's normalisation statistics
+- :func:`editor_mlp`       the editor network on captured rows
+"""
+
+from ._dispatch import BACKENDS, ENV_VAR, BackendStatus, Op, backend_status
+from .editor_mlp import EDITOR_MLP, editor_mlp
+from .rank_update import RANK_UPDATE, rank_update_
+from .running_moments import RUNNING_MOMENTS, running_moments_
+
+ALL_OPS = (RANK_UPDATE, RUNNING_MOMENTS, EDITOR_MLP)
+
+__all__ = [
+    "ALL_OPS",
+    "BACKENDS",
+    "ENV_VAR",
+    "BackendStatus",
+    "Op",
+    "backend_status",
+    "editor_mlp",
+    "rank_update_",
+    "running_moments_",
+]

@@ -1,0 +1,96 @@
+"""running_moments_: merge a batch of rows into running per-dimension mean and M2.
+
+Contract: given the statistics of ``count`` rows seen so far (``mean``, ``m2`` = sum of squared
+deviations) and a batch ``rows`` (n, d), update them in place to the statistics of all
+``count + n`` rows and add n to ``count``. The batch is reduced with a two-pass mean / centred sum of
+squares and merged with Chan et al.'s parallel formula, which gives the same statistics as MEND's
+per-row Welford loop in one vectorised step. ``count`` is a 64-bit integer tensor: it stays exact
+far beyond the 2**24 rows at which the reference code's float32 counter stops counting.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from .._checks import check_tensor
+from ._dispatch import Op
+
+RUNNING_MOMENTS = Op("running_moments_")
+
+
+def running_moments_(
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+    count: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Merge ``rows`` (n, d) into ``mean`` (d,), ``m2`` (d,) and ``count`` (0-d int64) in place.
+
+    Start from zeros and a count of 0. The unbiased variance is ``m2 / (count - 1)``.
+
+    Example:
+        >>> mean, m2, count = torch.zeros(2), torch.zeros(2), torch.zeros((), dtype=torch.int64)
+        >>> running_moments_(mean, m2, count, torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+        >>> mean.tolist(), m2.tolist(), int(count)
+        ([2.0, 4.0], [2.0, 8.0], 2)
+    """
+    check_tensor("mean", mean, ndim=1, dtypes=(torch.float32,), contiguous=True)
+    dim = mean.shape[0]
+    check_tensor("m2", m2, dtypes=(torch.float32,), device=mean.device, shape=(dim,), contiguous=True)
+    check_tensor("count", count, dtypes=(torch.int64,), device=mean.device, shape=())
+    check_tensor("rows", rows, dtypes=(torch.float32,), device=mean.device, shape=(None, dim), min_rows=1)
+    name, _ = RUNNING_MOMENTS.select(mean.device, backend)
+    torch.ops.mend.running_moments_(mean, m2, count, rows, name)
+
+
+@torch.library.custom_op("mend::running_moments_", mutates_args=("mean", "m2", "count"))
+def _running_moments_op(
+    mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor, rows: torch.Tensor, backend: str
+) -> None:
+    RUNNING_MOMENTS.impl(backend)(mean, m2, count, rows)
+
+
+@_running_moments_op.register_fake
+def _running_moments_fake(mean, m2, count, rows, backend) -> None:
+    return None
+
+
+@RUNNING_MOMENTS.register("reference")
+def _running_moments_reference(mean, m2, count, rows) -> None:
+    n = rows.shape[0]
+    batch_mean = rows.mean(dim=0)
+    batch_m2 = (rows - batch_mean).square().sum(dim=0)
+    # A zero count gives exactly the batch statistics: weight 1 on the batch, 0 on the old M2.
+    batch_weight = (n / (count + n)).to(torch.float32)
+    shift = batch_mean - mean
+    mean.add_(shift * batch_weight)
+    m2.add_(batch_m2 + shift.square() * (count.to(torch.float32) * batch_weight))
+    count.add_(n)
+
+
+def _rows_with_unit_stride(rows: torch.Tensor) -> torch.Tensor:
+    return rows if rows.stride(1) == 1 else rows.contiguous()
+
+
+@RUNNING_MOMENTS.register("cpu")
+def _running_moments_cpu(mean, m2, count, rows) -> None:
+    rows = _rows_with_unit_stride(rows)
+    n, dim = rows.shape
+    _native.load(_native.CPU_MODULE).running_moments(
+        mean.data_ptr(), m2.data_ptr(), int(count), rows.data_ptr(), n, dim, max(rows.stride(0), dim)
+    )
+    count.add_(n)
+
+
+@RUNNING_MOMENTS.register("cuda")
+def _running_moments_cuda(mean, m2, count, rows) -> None:
+    rows = _rows_with_unit_stride(rows)
+    n, dim = rows.shape
+    stream = torch.cuda.current_stream(mean.device).cuda_stream
+    _native.load(_native.CUDA_MODULE).running_moments(
+        mean.data_ptr(), m2.data_ptr(), count.data_ptr(), rows.data_ptr(), n, dim, max(rows.stride(0), dim), stream
+    )
+    count.add_(n)
