@@ -118,23 +118,31 @@ def _stacked_layers(group: str, parts: dict[str, torch.Tensor], n_modes: int) ->
                 raise CheckpointError(f"group {group}: tensor mlp.layers.{j}.{part} is missing")
     dim = ordered[0]["bias"].shape[0]
 
-    def modes(part: str, fill: float) -> torch.Tensor:
-        rows = [layer.get(f"{part}.weight", torch.full((n_modes, dim), fill)) for layer in ordered]
-        return torch.stack(rows)
+    def stacked(part: str, fill: float | None = None) -> torch.Tensor:
+        values = [layer.get(part, torch.full((n_modes, dim), fill) if fill is not None else None) for layer in ordered]
+        shapes = {tuple(value.shape) for value in values}
+        if len(shapes) != 1:
+            raise CheckpointError(f"group {group}: mlp.layers.<j>.{part} differ in shape across layers: {shapes}")
+        return torch.stack(values)
 
     return {
-        "down_proj": torch.stack([layer["v"] for layer in ordered]),
-        "up_proj": torch.stack([layer["u"] for layer in ordered]),
-        "bias": torch.stack([layer["bias"] for layer in ordered]),
-        "mode_scale": modes("mode_scale", 1.0),
-        "mode_shift": modes("mode_shift", 0.0),
+        "down_proj": stacked("v"),
+        "up_proj": stacked("u"),
+        "bias": stacked("bias"),
+        "mode_scale": stacked("mode_scale.weight", 1.0),
+        "mode_shift": stacked("mode_shift.weight", 0.0),
     }
 
 
-def _statistics(group: str, parts: dict[str, torch.Tensor], dim: int) -> dict[str, torch.Tensor]:
+def _statistics(group: str, parts: dict[str, torch.Tensor], target: EditTarget) -> dict[str, torch.Tensor]:
     missing = [name for name in ("u_mean", "v_mean", "u_s", "v_s", "k") if name not in parts]
     if missing:
         raise CheckpointError(f"group {group}: normalisation statistics {missing} are missing")
+    for name in _STATISTICS[:-1]:
+        size = target.n_in if name.startswith("u") else target.n_out
+        if name in parts and parts[name].shape != (size,):
+            raise CheckpointError(f"group {group}: {name} has shape {tuple(parts[name].shape)}, expected ({size},)")
+    dim = target.n_in + target.n_out
     count = float(parts["k"].reshape(-1)[0])
     if count != count:  # NaN: the editor never saw a training row
         return {"count": torch.zeros((), dtype=torch.int64), "mean": torch.zeros(dim), "m2": torch.zeros(dim)}
@@ -173,7 +181,7 @@ def load_official(editor_class, source, model: nn.Module, inner_params: Sequence
     converted = {}
     for key, parts in groups.items():
         layers = _stacked_layers(key, parts, n_modes=len(members[key]))
-        converted[key] = {**layers, **_statistics(key, parts, layers["bias"].shape[1])}
+        converted[key] = {**layers, **_statistics(key, parts, members[key][0])}
     first = next(iter(converted.values()))
     config = EditorConfig(
         targets=targets,
