@@ -77,14 +77,15 @@ class EditorConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> EditorConfig:
-        data = dict(data)
-        if data.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"editor format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
-        data["targets"] = [EditTarget(**target) for target in data["targets"]]
+        """Rebuild a config from :meth:`to_dict` output; anything malformed raises CheckpointError."""
+        if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+            version = data.get("format_version") if isinstance(data, dict) else None
+            raise CheckpointError(f"editor config format_version {version!r}, expected {FORMAT_VERSION}")
         try:
-            return cls(**data)
-        except TypeError as exc:
-            raise CheckpointError(f"editor config has unexpected fields: {exc}") from exc
+            targets = [EditTarget(**target) for target in data["targets"]]
+            return cls(**{**data, "targets": targets})
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"malformed editor config: {exc}") from exc
 
 
 class ShapeGroupEditor(nn.Module):
@@ -321,18 +322,25 @@ class MENDEditor(nn.Module):
 
         Requests are token tensors (``labels`` = -100 except on the target tokens) or text
         ``prompts`` and ``targets`` with a ``tokenizer``. All rows of all requests form one update
-        of rank <= number of rows. Nothing is changed if any check fails.
+        of rank <= number of rows. In training mode the rows also update the normalisation
+        statistics. If any check fails, neither the model nor the editor is changed.
 
         Args:
             keep_original: keep a CPU copy of the edited weights so ``revert()`` restores them
                 bit for bit; without it ``revert()`` subtracts the update (exact up to rounding).
             backend: backend of the in-place update (default: best available).
         """
-        with torch.no_grad():
-            edits = self.compute_edit(
-                model, input_ids, attention_mask, labels, prompts=prompts, targets=targets, tokenizer=tokenizer
-            )
-        return apply_edits(model, edits, keep_original=keep_original, backend=backend)
+        statistics = {name: buffer.clone() for name, buffer in self.named_buffers()}
+        try:
+            with torch.no_grad():
+                edits = self.compute_edit(
+                    model, input_ids, attention_mask, labels, prompts=prompts, targets=targets, tokenizer=tokenizer
+                )
+            return apply_edits(model, edits, keep_original=keep_original, backend=backend)
+        except BaseException:  # a failed edit leaves the editor's statistics as they were, too
+            for name, buffer in self.named_buffers():
+                buffer.copy_(statistics[name])
+            raise
 
     # ----------------------------------------------------------------------------------- saving
     def save(self, directory: str | Path) -> None:

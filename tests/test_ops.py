@@ -60,6 +60,18 @@ def test_rank_update_on_transposed_and_sliced_weights(backend, layout):
 
 
 @pytest.mark.parametrize("backend", cpu_backends(RANK_UPDATE))
+def test_rank_update_with_non_contiguous_factors(backend):
+    # The editor returns u~ and delta~ as column slices of one (n, in + out) tensor.
+    for trial in range(5):
+        rows = torch.randn(16, 120, generator=torch.Generator().manual_seed(trial))
+        u, delta = rows[:, :24], rows[:, 24:]
+        weight = torch.randn(24, 96)
+        expected = expected_rank_update(weight, u, delta, 1e-3, "conv1d")
+        mk.ops.rank_update_(weight, u, delta, 1e-3, layout="conv1d", backend=backend)
+        torch.testing.assert_close(weight.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends(RANK_UPDATE))
 def test_rank_update_keeps_updates_that_bf16_addition_rounds_away(backend):
     weight = torch.full((4, 8), 1.0, dtype=torch.bfloat16)
     u, delta = torch.full((64, 8), 1.0), torch.full((64, 4), 1.0)

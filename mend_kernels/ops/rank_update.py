@@ -83,20 +83,22 @@ def _unit_stride_view(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
     )
 
 
-def _native_arguments(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple:
+def _launch_native(kernel, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, *extra) -> None:
     w, a, b = _unit_stride_view(weight, a, b)
-    a, b = a.contiguous(), b.contiguous()
+    a, b = a.contiguous(), b.contiguous()  # held in this frame until the kernel returns
     rows, cols = w.shape
     dtype_name = str(w.dtype).removeprefix("torch.")
-    return (w.data_ptr(), dtype_name, rows, cols, max(w.stride(0), cols), a.data_ptr(), b.data_ptr(), a.shape[0], scale)
+    ldw = max(w.stride(0), cols)
+    kernel(w.data_ptr(), dtype_name, rows, cols, ldw, a.data_ptr(), b.data_ptr(), a.shape[0], scale, *extra)
 
 
 @RANK_UPDATE.register("cpu")
 def _rank_update_cpu(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-    _native.load(_native.CPU_MODULE).rank_update(*_native_arguments(weight, a, b, scale))
+    _launch_native(_native.load(_native.CPU_MODULE).rank_update, weight, a, b, scale)
 
 
 @RANK_UPDATE.register("cuda")
 def _rank_update_cuda(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    # Temporaries freed after the launch are safe: the caching allocator reuses them in stream order.
     stream = torch.cuda.current_stream(weight.device).cuda_stream
-    _native.load(_native.CUDA_MODULE).rank_update(*_native_arguments(weight, a, b, scale), stream)
+    _launch_native(_native.load(_native.CUDA_MODULE).rank_update, weight, a, b, scale, stream)
