@@ -100,5 +100,6 @@ def _rank_update_cpu(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
 @RANK_UPDATE.register("cuda")
 def _rank_update_cuda(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
     # Temporaries freed after the launch are safe: the caching allocator reuses them in stream order.
-    stream = torch.cuda.current_stream(weight.device).cuda_stream
-    _launch_native(_native.load(_native.CUDA_MODULE).rank_update, weight, a, b, scale, stream)
+    with torch.cuda.device(weight.device):  # the kernel launches on the current device
+        stream = torch.cuda.current_stream(weight.device).cuda_stream
+        _launch_native(_native.load(_native.CUDA_MODULE).rank_update, weight, a, b, scale, stream)

@@ -89,8 +89,9 @@ def _running_moments_cpu(mean, m2, count, rows) -> None:
 def _running_moments_cuda(mean, m2, count, rows) -> None:
     rows = _rows_with_unit_stride(rows)
     n, dim = rows.shape
-    stream = torch.cuda.current_stream(mean.device).cuda_stream
-    _native.load(_native.CUDA_MODULE).running_moments(
-        mean.data_ptr(), m2.data_ptr(), count.data_ptr(), rows.data_ptr(), n, dim, max(rows.stride(0), dim), stream
-    )
+    with torch.cuda.device(mean.device):  # the kernel launches on the current device
+        stream = torch.cuda.current_stream(mean.device).cuda_stream
+        _native.load(_native.CUDA_MODULE).running_moments(
+            mean.data_ptr(), m2.data_ptr(), count.data_ptr(), rows.data_ptr(), n, dim, max(rows.stride(0), dim), stream
+        )
     count.add_(n)

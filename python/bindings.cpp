@@ -1,0 +1,108 @@
+// mend_kernels._C: pybind11 binding of the CPU kernels (csrc/cpu, C ABI in mend/kernels.h).
+//
+// Thin by design: pointers arrive as Python ints (torch's tensor.data_ptr()), sizes are checked
+// (ValueError naming the argument), the GIL is released around the kernel, and a non-zero status
+// becomes an exception. No kernel logic lives here.
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <new>
+#include <string>
+
+#include "mend/kernels.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void require(bool ok, const char* message) {
+  if (!ok) throw py::value_error(message);
+}
+
+int dtype_code(const std::string& dtype) {
+  if (dtype == "float32") return MEND_DTYPE_FLOAT32;
+  if (dtype == "bfloat16") return MEND_DTYPE_BFLOAT16;
+  if (dtype == "float16") return MEND_DTYPE_FLOAT16;
+  throw py::value_error("dtype must be one of 'float32', 'bfloat16', 'float16', got '" + dtype + "'");
+}
+
+void raise_status(int status, const char* op) {
+  if (status == MEND_OK) return;
+  if (status == MEND_ERR_OUT_OF_MEMORY)
+    throw std::bad_alloc();  // pybind11 translates it to MemoryError
+  throw py::value_error(std::string(op) + ": the kernel rejected its arguments (status " +
+                        std::to_string(status) + ")");
+}
+
+void rank_update(uintptr_t w_ptr, const std::string& dtype, int64_t M, int64_t N, int64_t ldw,
+                 uintptr_t a_ptr, uintptr_t b_ptr, int64_t K, float scale) {
+  const int code = dtype_code(dtype);
+  require(w_ptr != 0, "w_ptr must be a non-null data pointer");
+  require(a_ptr != 0, "a_ptr must be a non-null data pointer");
+  require(b_ptr != 0, "b_ptr must be a non-null data pointer");
+  require(M >= 1, "M (rows of W) must be >= 1");
+  require(N >= 1, "N (columns of W) must be >= 1");
+  require(K >= 1, "K (rank, rows of A and B) must be >= 1");
+  require(ldw >= N, "ldw (row stride of W, in elements) must be >= N");
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = mend_cpu_rank_update(reinterpret_cast<void*>(w_ptr), code, M, N, ldw,
+                                  reinterpret_cast<const float*>(a_ptr),
+                                  reinterpret_cast<const float*>(b_ptr), K, scale);
+  }
+  raise_status(status, "rank_update");
+}
+
+void running_moments(uintptr_t mean_ptr, uintptr_t m2_ptr, int64_t count, uintptr_t x_ptr, int64_t n,
+                     int64_t d, int64_t ldx) {
+  require(mean_ptr != 0, "mean_ptr must be a non-null data pointer");
+  require(m2_ptr != 0, "m2_ptr must be a non-null data pointer");
+  require(x_ptr != 0, "x_ptr must be a non-null data pointer");
+  require(count >= 0, "count (rows already merged) must be >= 0");
+  require(n >= 1, "n (rows of x) must be >= 1");
+  require(d >= 1, "d (columns of x) must be >= 1");
+  require(ldx >= d, "ldx (row stride of x, in elements) must be >= d");
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = mend_cpu_running_moments(reinterpret_cast<float*>(mean_ptr), reinterpret_cast<float*>(m2_ptr),
+                                      count, reinterpret_cast<const float*>(x_ptr), n, d, ldx);
+  }
+  raise_status(status, "running_moments");
+}
+
+py::dict build_info() {
+  mend_cpu_build_facts f;
+  mend_cpu_get_build_facts(&f);
+  py::dict d;
+  d["compiler"] = f.compiler;
+  d["build_type"] = f.build_type;
+  d["cxx_flags"] = f.cxx_flags;
+  d["openmp"] = static_cast<bool>(f.openmp);
+  d["openmp_version"] = f.openmp_version;
+  d["max_threads"] = f.max_threads;
+  d["simd_variants"] = f.simd_variants;
+  d["simd_path"] = mend_cpu_simd_path();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mend_kernels CPU kernels (C++/OpenMP) on raw pointers; see csrc/include/mend/kernels.h";
+  m.def("rank_update", &rank_update, py::arg("w_ptr"), py::arg("dtype"), py::arg("M"), py::arg("N"),
+        py::arg("ldw"), py::arg("a_ptr"), py::arg("b_ptr"), py::arg("K"), py::arg("scale"),
+        "In place: W[m, n] = round(W[m, n] + scale * sum_k A[k, m] * B[k, n]), fp32 accumulation, one "
+        "rounding to W's dtype ('float32', 'bfloat16' or 'float16'). W (M, N) row stride ldw; A (K, M) and "
+        "B (K, N) contiguous float32. Pointers are data_ptr() integers of CPU tensors.");
+  m.def("running_moments", &running_moments, py::arg("mean_ptr"), py::arg("m2_ptr"), py::arg("count"),
+        py::arg("x_ptr"), py::arg("n"), py::arg("d"), py::arg("ldx"),
+        "In place: merge the batch x (n, d; row stride ldx; float32) into the running float32 mean (d) and "
+        "M2 (d) of `count` rows (Chan et al.; two-pass float64 batch statistics). The caller adds n to "
+        "its count.");
+  m.def("build_info", &build_info,
+        "dict: compiler, build_type, cxx_flags, openmp, openmp_version, max_threads, simd_variants, "
+        "simd_path (the path taken on this CPU).");
+}

@@ -1,0 +1,110 @@
+// mend_kernels._C_cuda: pybind11 binding of the CUDA kernels (csrc/cuda, C ABI in mend/kernels.h).
+//
+// Thin by design: device pointers and the cudaStream_t arrive as Python ints (tensor.data_ptr(),
+// torch.cuda.Stream.cuda_stream), sizes are checked (ValueError naming the argument), the GIL is
+// released around the launch, and a CUDA error becomes RuntimeError(cudaGetErrorString(...)).
+// Compiled by the host C++ compiler; it includes no CUDA header. Importing the module needs neither
+// a GPU nor a driver (the CUDA runtime is linked statically); a launch without them raises.
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "mend/kernels.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void require(bool ok, const char* message) {
+  if (!ok) throw py::value_error(message);
+}
+
+int dtype_code(const std::string& dtype) {
+  if (dtype == "float32") return MEND_DTYPE_FLOAT32;
+  if (dtype == "bfloat16") return MEND_DTYPE_BFLOAT16;
+  if (dtype == "float16") return MEND_DTYPE_FLOAT16;
+  throw py::value_error("dtype must be one of 'float32', 'bfloat16', 'float16', got '" + dtype + "'");
+}
+
+void raise_cuda(int status, const char* op) {
+  if (status != 0)
+    throw std::runtime_error(std::string(op) + ": CUDA error " + std::to_string(status) + ": " +
+                             mend_cuda_error_string(status));
+}
+
+void rank_update(uintptr_t w_ptr, const std::string& dtype, int64_t M, int64_t N, int64_t ldw,
+                 uintptr_t a_ptr, uintptr_t b_ptr, int64_t K, float scale, uintptr_t stream) {
+  const int code = dtype_code(dtype);
+  require(w_ptr != 0, "w_ptr must be a non-null device pointer");
+  require(a_ptr != 0, "a_ptr must be a non-null device pointer");
+  require(b_ptr != 0, "b_ptr must be a non-null device pointer");
+  require(M >= 1, "M (rows of W) must be >= 1");
+  require(N >= 1, "N (columns of W) must be >= 1");
+  require(K >= 1, "K (rank, rows of A and B) must be >= 1");
+  require(ldw >= N, "ldw (row stride of W, in elements) must be >= N");
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = mend_cuda_rank_update(reinterpret_cast<void*>(w_ptr), code, M, N, ldw,
+                                   reinterpret_cast<const float*>(a_ptr), reinterpret_cast<const float*>(b_ptr),
+                                   K, scale, stream);
+  }
+  raise_cuda(status, "rank_update");
+}
+
+void running_moments(uintptr_t mean_ptr, uintptr_t m2_ptr, uintptr_t count_ptr, uintptr_t x_ptr, int64_t n,
+                     int64_t d, int64_t ldx, uintptr_t stream) {
+  require(mean_ptr != 0, "mean_ptr must be a non-null device pointer");
+  require(m2_ptr != 0, "m2_ptr must be a non-null device pointer");
+  require(count_ptr != 0, "count_ptr must be a non-null device pointer (int64 scalar)");
+  require(x_ptr != 0, "x_ptr must be a non-null device pointer");
+  require(n >= 1, "n (rows of x) must be >= 1");
+  require(d >= 1, "d (columns of x) must be >= 1");
+  require(ldx >= d, "ldx (row stride of x, in elements) must be >= d");
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = mend_cuda_running_moments(reinterpret_cast<float*>(mean_ptr), reinterpret_cast<float*>(m2_ptr),
+                                       reinterpret_cast<const int64_t*>(count_ptr),
+                                       reinterpret_cast<const float*>(x_ptr), n, d, ldx, stream);
+  }
+  raise_cuda(status, "running_moments");
+}
+
+#ifndef MEND_CUDA_RUNTIME_LINKAGE
+#define MEND_CUDA_RUNTIME_LINKAGE "unknown"
+#endif
+#ifndef MEND_BUILD_TYPE
+#define MEND_BUILD_TYPE "unknown"
+#endif
+
+py::dict build_info() {
+  py::dict d;
+  d["nvcc_version"] = mend_cuda_nvcc_version();
+  int archs[64];
+  const int count = mend_cuda_architectures(archs, 64);
+  py::list arch_list;
+  for (int i = 0; i < count && i < 64; ++i) arch_list.append(archs[i]);
+  d["architectures"] = arch_list;
+  d["cuda_runtime"] = MEND_CUDA_RUNTIME_LINKAGE;
+  d["build_type"] = MEND_BUILD_TYPE;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "mend_kernels CUDA kernels on raw device pointers; see csrc/include/mend/kernels.h";
+  m.def("rank_update", &rank_update, py::arg("w_ptr"), py::arg("dtype"), py::arg("M"), py::arg("N"),
+        py::arg("ldw"), py::arg("a_ptr"), py::arg("b_ptr"), py::arg("K"), py::arg("scale"), py::arg("stream"),
+        "In place on the GPU, enqueued on `stream` (cudaStream_t as int): W[m, n] = round(W[m, n] + scale * "
+        "sum_k A[k, m] * B[k, n]), fp32 accumulation, one rounding to W's dtype.");
+  m.def("running_moments", &running_moments, py::arg("mean_ptr"), py::arg("m2_ptr"), py::arg("count_ptr"),
+        py::arg("x_ptr"), py::arg("n"), py::arg("d"), py::arg("ldx"), py::arg("stream"),
+        "In place on the GPU: merge x (n, d; row stride ldx) into mean/M2; count_ptr points to the int64 "
+        "number of rows already merged (not modified).");
+  m.def("build_info", &build_info, "dict: nvcc_version, architectures (list of compute capabilities, e.g. [80, 90]), cuda_runtime, build_type.");
+}
