@@ -45,14 +45,56 @@ def info_lines() -> list[str]:
     return lines
 
 
+def _add_pipeline_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", help="local transformers checkpoint (default: the embedded synthetic-world model)")
+    command.add_argument("--data", help="zsRE or CounterFact JSON file of edit requests (with --model)")
+    command.add_argument("--steps", type=int, help="meta-training steps")
+    command.add_argument("--lr", type=float, help="editor learning rate")
+    command.add_argument("--out", help="directory for checkpoints, the best editor and validation.jsonl")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _demo_config(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from .demo import DemoConfig
+
+    config = DemoConfig()
+    train = replace(config.train, seed=args.seed)
+    if args.steps is not None:
+        train = replace(train, max_steps=args.steps, val_every=max(1, min(train.val_every, args.steps)))
+    if args.lr is not None:
+        train = replace(train, lr=args.lr)
+    eval_edits = getattr(args, "eval_edits", None) or config.eval_edits
+    return replace(config, train=train, eval_edits=eval_edits)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import format_table, run_demo, set_threads, write_json
+
+    set_threads()
+    result = run_demo(_demo_config(args), model_path=args.model, data_path=args.data, out_dir=args.out, progress=not args.quiet)
+    print(format_table(result))
+    print(f"best editor: {result['editor_dir']}; total {result['total_seconds']:.0f} s")
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mend-kernels", description="Fast, memory-lean MEND model editing.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print versions and which backends are available, and why not")
+    demo = commands.add_parser("demo", help="meta-train an editor, then compare MEND, FT and FT+KL on held-out edits")
+    _add_pipeline_arguments(demo)
+    demo.add_argument("--eval-edits", type=int, help="number of held-out edits to evaluate (default 200)")
+    demo.add_argument("--json", help="also write the table and training summary to this JSON file")
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
-    return 0
+        return 0
+    return _run_demo(args)
 
 
 if __name__ == "__main__":

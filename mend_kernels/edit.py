@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -161,6 +163,31 @@ def apply_edits(
         raise
     detached = [WeightEdit(e.name, e.layout, e.u.detach(), e.delta.detach(), e.scale.detach()) for e in edits]
     return EditHandle(weights, detached, originals, backend)
+
+
+@contextmanager
+def lowrank_edited(model: nn.Module, edits: Sequence[WeightEdit]) -> Iterator[None]:
+    """Run ``model`` as if ``edits`` were applied, without touching any weight.
+
+    Each edited layer's output gains the low-rank side path ``scale * (x @ u~.T) @ delta~``, which
+    equals ``x @ dW.T`` for the edit's dense update ``dW`` in either layout. Gradients flow to the
+    factors and steps, so meta-training needs no dense update and no copy of a weight.
+    """
+    handles = []
+    try:
+        for edit in edits:
+            module, _ = module_and_layout(model, edit.name)
+            handles.append(module.register_forward_hook(partial(_add_side_path, edit=edit)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _add_side_path(module: nn.Module, args: tuple, output: torch.Tensor, *, edit: WeightEdit) -> torch.Tensor:
+    x = args[0]
+    side = (x.reshape(-1, x.shape[-1]).to(edit.u.dtype) @ edit.u.t()) @ edit.delta
+    return output + (edit.scale * side).reshape(*output.shape[:-1], -1).to(output.dtype)
 
 
 def save_edits(edits: Sequence[WeightEdit], path: str | Path) -> None:
