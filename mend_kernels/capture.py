@@ -42,6 +42,11 @@ class RowCapture:
         self._frozen: list[tuple[nn.Parameter, bool]] = []
 
     def __enter__(self) -> RowCapture:
+        if _activation_checkpointing(self.model):
+            raise InvalidInputError(
+                "row capture cannot run with gradient checkpointing (it re-runs layers inside backward): "
+                "call model.gradient_checkpointing_disable() before editing"
+            )
         modules = {name: module_and_layout(self.model, name)[0] for name in self.targets}
         self._frozen = [(p, p.requires_grad) for p in self.model.parameters()]
         for parameter, _ in self._frozen:
@@ -84,6 +89,14 @@ class RowCapture:
         u = torch.cat([x.reshape(-1, target.n_in) for x in inputs]).float()
         delta = torch.cat([grads[call].reshape(-1, target.n_out) for call in range(len(inputs))]).float()
         return u, delta
+
+
+def _activation_checkpointing(model: nn.Module) -> bool:
+    # transformers renamed is_gradient_checkpointing to is_activation_checkpointing (v5)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 def capture_edit_rows(

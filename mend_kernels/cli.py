@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import platform
 import sys
 
@@ -82,6 +83,32 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    from .demo import meta_train, prepare_task, set_threads
+
+    set_threads()
+    task = prepare_task(_demo_config(args), args.model, args.data, progress=not args.quiet)
+    summary = meta_train(task, _demo_config(args), args.out, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    print(f"best editor: {args.out}/best; validation log: {args.out}/validation.jsonl")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .demo import compare_methods, format_table, prepare_task, set_threads, write_json
+    from .editor import MENDEditor
+
+    set_threads()
+    config = _demo_config(args)
+    task = prepare_task(config, args.model, args.data, progress=not args.quiet)
+    editor = MENDEditor.load(args.editor, task.model)
+    result = {"rows": compare_methods(task, editor, config, progress=not args.quiet), "n_eval_edits": len(task.test)}
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mend-kernels", description="Fast, memory-lean MEND model editing.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,11 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     _add_pipeline_arguments(demo)
     demo.add_argument("--eval-edits", type=int, help="number of held-out edits to evaluate (default 200)")
     demo.add_argument("--json", help="also write the table and training summary to this JSON file")
+    train = commands.add_parser("train", help="meta-train an editor; the best one is kept in OUT/best")
+    _add_pipeline_arguments(train)
+    train.add_argument("--resume", help="continue exactly from a checkpoint directory (OUT/checkpoint)")
+    evaluate = commands.add_parser("eval", help="compare a trained editor with FT and FT+KL on held-out edits")
+    _add_pipeline_arguments(evaluate)
+    evaluate.add_argument("--editor", required=True, help="directory of a saved editor (e.g. OUT/best)")
+    evaluate.add_argument("--eval-edits", type=int, help="number of held-out edits to evaluate (default 200)")
+    evaluate.add_argument("--json", help="also write the table to this JSON file")
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
         return 0
-    return _run_demo(args)
+    if args.command == "train" and not args.out:
+        parser.error("train needs --out DIR")
+    return {"demo": _run_demo, "train": _run_train, "eval": _run_eval}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import torch
 
 from .data.formats import load_edit_file
 from .editor import MENDEditor
-from .metrics import EditScores, FineTuneConfig, evaluate, fine_tune_method, mend_method
+from .errors import InvalidInputError
+from .metrics import FineTuneConfig, evaluate, fine_tune_method, mend_method
 from .pretrain import WorldModelConfig, cache_root, world_and_model
 from .train import MetaTrainer, TrainConfig
 
@@ -48,26 +49,71 @@ def _local_model(model_path: str | Path):
     return tokenizer, model
 
 
-def _splits(config: DemoConfig, model_path, data_path, progress: bool):
-    """(tokenizer, model, train, val, test examples, perplexity corpus)."""
+@dataclass
+class Task:
+    """A model with its tokenizer, edit examples split for training and evaluation, and text for perplexity."""
+
+    tokenizer: object
+    model: object
+    train: list
+    val: list
+    test: list
+    corpus: list[str]
+
+
+def prepare_task(config: DemoConfig, model_path=None, data_path=None, progress: bool = True) -> Task:
+    """The embedded synthetic task, or a local checkpoint with a zsRE/CounterFact file split 80/10/10."""
     if model_path is None:
         world, tokenizer, model = world_and_model(config.world, progress)
-        train = world.edit_examples("train", config.n_train_edits, heldout=False)
-        val = world.edit_examples("val", config.train.val_edits, heldout=True)
-        test = world.edit_examples("test", config.eval_edits, heldout=True)
-        rng = random.Random(0)
-        corpus = rng.sample(world.sentences(), config.ppl_sentences)
-        return tokenizer, model, train, val, test, corpus
+        return Task(
+            tokenizer,
+            model,
+            train=world.edit_examples("train", config.n_train_edits, heldout=False),
+            val=world.edit_examples("val", config.train.val_edits, heldout=True),
+            test=world.edit_examples("test", config.eval_edits, heldout=True),
+            corpus=random.Random(0).sample(world.sentences(), config.ppl_sentences),
+        )
     if data_path is None:
-        raise ValueError("--model needs --data: a zsRE or CounterFact JSON file of edit requests")
+        raise InvalidInputError("--model needs --data: a zsRE or CounterFact JSON file of edit requests")
     tokenizer, model = _local_model(model_path)
     examples = load_edit_file(data_path)
     random.Random(0).shuffle(examples)
-    n_test = min(config.eval_edits, len(examples) // 5)
-    n_val = min(config.train.val_edits, len(examples) // 10)
+    n_test = min(config.eval_edits, max(1, len(examples) // 10))
+    n_val = min(config.train.val_edits, max(1, len(examples) // 10))
     test, val, train = examples[:n_test], examples[n_test : n_test + n_val], examples[n_test + n_val :]
     corpus = [f"{prompt} {answer}" for example in test for prompt, answer in example.locality][: config.ppl_sentences]
-    return tokenizer, model, train, val, test, corpus
+    return Task(tokenizer, model, train, val, test, corpus)
+
+
+def meta_train(task: Task, config: DemoConfig, out_dir: str | Path, resume: str | Path | None = None, progress: bool = True) -> dict:
+    """Meta-train an editor (or continue from a checkpoint); the best one is saved in ``out_dir/best``."""
+    if resume is not None:
+        trainer = MetaTrainer.resume(resume, task.model, task.tokenizer, task.train, task.val, out_dir=out_dir)
+    else:
+        editor = MENDEditor.for_model(task.model, rank=config.rank, edit_lr=config.edit_lr)
+        trainer = MetaTrainer(task.model, editor, task.tokenizer, task.train, task.val, config.train, out_dir=out_dir)
+    started = time.perf_counter()
+    best = trainer.fit(progress=progress)
+    return {"steps": trainer.step, "skipped_updates": trainer.skipped_updates, "seconds": time.perf_counter() - started, "best_validation": best}
+
+
+def compare_methods(task: Task, editor: MENDEditor, config: DemoConfig, progress: bool = True) -> dict[str, dict]:
+    """MEND, FT and FT+KL on the task's held-out edits, each edit alone on the unedited model."""
+    locality_pool = [pair for example in task.train for pair in example.locality]
+    fine_tune = asdict(config.fine_tune)
+    methods = {
+        "MEND": mend_method(editor),
+        "FT": fine_tune_method(editor.targets, FineTuneConfig(**{**fine_tune, "kl_weight": 0.0}), locality_pool),
+        "FT+KL": fine_tune_method(editor.targets, FineTuneConfig(**{**fine_tune, "kl_weight": 1.0}), locality_pool),
+    }
+    rows = {}
+    for name, method in methods.items():
+        scores, _ = evaluate(
+            method, task.model, task.tokenizer, task.test, task.corpus,
+            shift_labels=editor.config.shift_labels, progress=progress, desc=name,
+        )
+        rows[name] = asdict(scores)
+    return rows
 
 
 def run_demo(
@@ -78,34 +124,17 @@ def run_demo(
     out_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Run the whole pipeline and return ``{"rows": {method: scores}, "training": {...}, ...}``."""
+    """Prepare, meta-train, evaluate; returns ``{"rows": {method: scores}, "training": {...}, ...}``."""
     config = config or DemoConfig()
     started = time.perf_counter()
-    tokenizer, model, train, val, test, corpus = _splits(config, model_path, data_path, progress)
+    task = prepare_task(config, model_path, data_path, progress)
     out_dir = Path(out_dir) if out_dir is not None else cache_root() / f"demo-run-{int(time.time())}"
-    editor = MENDEditor.for_model(model, rank=config.rank, edit_lr=config.edit_lr)
-    trainer = MetaTrainer(model, editor, tokenizer, train, val, config.train, out_dir=out_dir)
-    trained_at = time.perf_counter()
-    best = trainer.fit(progress=progress)
-    training_seconds = time.perf_counter() - trained_at
-    editor = MENDEditor.load(out_dir / "best", model)
-    locality_pool = [pair for example in train for pair in example.locality]
-    methods = {
-        "MEND": mend_method(editor),
-        "FT": fine_tune_method(editor.targets, config.fine_tune, locality_pool),
-        "FT+KL": fine_tune_method(
-            editor.targets, FineTuneConfig(**{**asdict(config.fine_tune), "kl_weight": 1.0}), locality_pool
-        ),
-    }
-    rows: dict[str, EditScores] = {}
-    for name, method in methods.items():
-        rows[name], _ = evaluate(
-            method, model, tokenizer, test, corpus, shift_labels=editor.config.shift_labels, progress=progress, desc=name
-        )
+    training = meta_train(task, config, out_dir, progress=progress)
+    editor = MENDEditor.load(out_dir / "best", task.model)
     return {
-        "rows": {name: asdict(scores) for name, scores in rows.items()},
-        "n_eval_edits": len(test),
-        "training": {"steps": trainer.step, "seconds": training_seconds, "best_validation": best},
+        "rows": compare_methods(task, editor, config, progress),
+        "n_eval_edits": len(task.test),
+        "training": training,
         "editor_dir": str(out_dir / "best"),
         "total_seconds": time.perf_counter() - started,
     }

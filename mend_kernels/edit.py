@@ -127,7 +127,10 @@ def _check_edit(model: nn.Module, edit: WeightEdit, params: dict[str, nn.Paramet
         raise TargetError(f"{edit.name} is a {layout} weight, but the edit was made for a {edit.layout} weight")
     n_in, n_out = weight.shape[::-1] if layout == "linear" else weight.shape
     check_tensor(f"u~ of {edit.name}", edit.u, dtypes=(torch.float32,), device=weight.device, shape=(None, n_in), min_rows=1)
-    check_tensor(f"delta~ of {edit.name}", edit.delta, device=weight.device, shape=(edit.u.shape[0], n_out))
+    check_tensor(
+        f"delta~ of {edit.name}", edit.delta, dtypes=(torch.float32,), device=weight.device, shape=(edit.u.shape[0], n_out)
+    )
+    check_tensor(f"step size of {edit.name}", edit.scale, shape=())
     check_finite(f"editor output u~ of {edit.name}", edit.u)
     check_finite(f"editor output delta~ of {edit.name}", edit.delta)
     check_finite(f"step size of {edit.name}", edit.scale)
@@ -214,5 +217,5 @@ def load_edits(path: str | Path, device: torch.device | str = "cpu") -> list[Wei
                 WeightEdit(name, layout, *(file.get_tensor(f"{name}.{part}") for part in ("u", "delta", "scale")))
                 for name, layout in layouts.items()
             ]
-    except (OSError, KeyError, json.JSONDecodeError, SafetensorError) as exc:
+    except (OSError, KeyError, AttributeError, TypeError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"cannot read edits from {path}: {exc}") from exc

@@ -206,16 +206,19 @@ class MENDEditor(nn.Module):
         return editor.to(model.get_parameter(targets[0].name).device)
 
     @classmethod
-    def from_official(cls, state_dict_or_path, model: nn.Module, inner_params: Sequence[str]) -> MENDEditor:
+    def from_official(
+        cls, state_dict_or_path, model: nn.Module, inner_params: Sequence[str], *, sign: float = 1.0
+    ) -> MENDEditor:
         """Load an editor trained with the authors' code (or EasyEdit): same weights, same edits.
 
         ``inner_params`` must be the reference config's ``model.inner_params`` in its order (it fixes
-        each weight's mode and step size). The reference code adds the update (sign +1); that sign is
-        kept. Files are read safely: safetensors, or torch checkpoints with ``weights_only=True``.
+        each weight's mode and step size). The reference code adds the update (sign +1, kept by
+        default); pass ``sign=-1.0`` for an editor trained with a descent variant. Files are read
+        safely: safetensors, or torch checkpoints with ``weights_only=True``.
         """
         from .official import load_official
 
-        return load_official(cls, state_dict_or_path, model, inner_params)
+        return load_official(cls, state_dict_or_path, model, inner_params, sign=sign)
 
     # ----------------------------------------------------------------------------------- editing
     @property

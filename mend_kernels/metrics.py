@@ -25,7 +25,7 @@ from .editor import MENDEditor
 from .losses import IGNORE_INDEX, token_nll
 from .requests import encode_requests, is_encoder_decoder
 from .targets import EditTarget
-from .train import all_tokens_correct, locality_kl
+from .train import all_tokens_correct, answer_positions, locality_kl
 
 Undo = Callable[[], None]
 
@@ -65,13 +65,6 @@ class Scorer:
         batch = self.encode(prompts, targets)
         return all_tokens_correct(self.logits(batch), batch["labels"], self.shift)
 
-    def locality_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Positions whose prediction locality compares: the answer tokens of each locality prompt."""
-        labels = batch["labels"][:, 1:] if self.shift else batch["labels"]
-        return labels != IGNORE_INDEX
-
-    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
-        return (logits[:, :-1] if self.shift else logits).argmax(-1)
 
     @torch.no_grad()
     def perplexity(self, texts: Sequence[str], batch_size: int = 64) -> float:
@@ -133,7 +126,7 @@ def fine_tune_method(targets: Sequence[EditTarget], config: FineTuneConfig, loca
                 loss = token_nll(logits, batch["labels"], shift_labels=scorer.shift)
                 if loc_batch is not None:
                     edited = model(input_ids=loc_batch["input_ids"], attention_mask=loc_batch["attention_mask"]).logits
-                    loss = loss + config.kl_weight * locality_kl(base_loc, edited, loc_batch["attention_mask"].bool())
+                    loss = loss + config.kl_weight * locality_kl(base_loc, edited, answer_positions(loc_batch["labels"], scorer.shift))
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -170,14 +163,14 @@ def evaluate(
     per_edit = []
     for example in tqdm(examples, disable=not progress, desc=desc):
         loc_batch = scorer.encode([p for p, _ in example.locality], [a for _, a in example.locality])
-        loc_mask = scorer.locality_mask(loc_batch)
+        loc_mask = answer_positions(loc_batch["labels"], scorer.shift)
         base_loc = scorer.logits(loc_batch)
         start = time.perf_counter()
         undo = method(model, scorer, example)
         latency = time.perf_counter() - start
         try:
             edited_loc = scorer.logits(loc_batch)
-            unchanged = (scorer.predictions(base_loc) == scorer.predictions(edited_loc)) | ~loc_mask
+            unchanged = base_loc.argmax(-1) == edited_loc.argmax(-1)
             per_edit.append(
                 EditScores(
                     efficacy=scorer.success([example.prompt], [example.target]).float().mean().item(),
@@ -185,8 +178,8 @@ def evaluate(
                     .float()
                     .mean()
                     .item(),
-                    locality=(unchanged.float().sum() - (~loc_mask).sum()).item() / max(int(loc_mask.sum()), 1),
-                    locality_kl=locality_kl(base_loc, edited_loc, loc_batch["attention_mask"].bool()).item(),
+                    locality=(unchanged & loc_mask).sum().item() / loc_mask.sum().item(),
+                    locality_kl=locality_kl(base_loc, edited_loc, loc_mask).item(),
                     ppl_drawdown=scorer.perplexity(corpus) / base_ppl - 1.0,
                     latency_ms=1000.0 * latency,
                 )

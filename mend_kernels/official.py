@@ -155,7 +155,7 @@ def _statistics(group: str, parts: dict[str, torch.Tensor], target: EditTarget) 
     return {"count": torch.tensor(int(count), dtype=torch.int64), "mean": mean, "m2": m2}
 
 
-def load_official(editor_class, source, model: nn.Module, inner_params: Sequence[str]):
+def load_official(editor_class, source, model: nn.Module, inner_params: Sequence[str], *, sign: float = 1.0):
     """Build a ``editor_class`` (MENDEditor) from a reference-code state dict; see the module docstring."""
     from .editor import EditorConfig
 
@@ -187,7 +187,7 @@ def load_official(editor_class, source, model: nn.Module, inner_params: Sequence
         targets=targets,
         rank=max(group["down_proj"].shape[1] for group in converted.values()),
         n_hidden=first["down_proj"].shape[0] - 1,
-        sign=1.0,  # the reference code adds the update: keep it so edits are identical
+        sign=sign,  # the reference code adds the update (+1): keep it so edits are identical
         shared=shared,
         shift_labels=is_causal_lm(model),
     )

@@ -87,6 +87,15 @@ def scored_positions(labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, t
     return labels, labels != IGNORE_INDEX
 
 
+def answer_positions(labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Mask over the logits' positions (batch, length) that predict a label token."""
+    if not shift:
+        return labels != IGNORE_INDEX
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
 def all_tokens_correct(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:
     """Per request: every label token is the argmax under teacher forcing (bool, (batch,))."""
     if shift:
@@ -148,11 +157,6 @@ class MetaTrainer:
             inputs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
         return self.model(**inputs).logits
 
-    def _locality_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if is_encoder_decoder(self.model):
-            return batch["labels"] != IGNORE_INDEX
-        return batch["attention_mask"].bool()
-
     def run_step(self, examples: Sequence[EditExample], paraphrase_choice: random.Random) -> tuple[torch.Tensor, StepResult]:
         """Loss (with graph to the editor) and metrics of one step on ``examples``."""
         targets = [example.target for example in examples]
@@ -160,7 +164,7 @@ class MetaTrainer:
         equivalence = self._encode([paraphrase_choice.choice(example.paraphrases) for example in examples], targets)
         local = [paraphrase_choice.choice(example.locality) for example in examples]
         loc_batch = self._encode([prompt for prompt, _ in local], [answer for _, answer in local])
-        loc_mask = self._locality_mask(loc_batch)
+        loc_mask = answer_positions(loc_batch["labels"], self.shift)
         with torch.no_grad():
             base_loc_logits = self._forward(loc_batch)
         edits = self.editor.compute_edit(self.model, **edit_batch)

@@ -10,22 +10,18 @@
 #include <new>
 #include <string>
 
+#include "binding_checks.h"
 #include "mend/kernels.h"
 
 namespace py = pybind11;
 
 namespace {
 
-void require(bool ok, const char* message) {
-  if (!ok) throw py::value_error(message);
-}
+using mend_binding::require;
+using mend_binding::require_pointer;
 
-int dtype_code(const std::string& dtype) {
-  if (dtype == "float32") return MEND_DTYPE_FLOAT32;
-  if (dtype == "bfloat16") return MEND_DTYPE_BFLOAT16;
-  if (dtype == "float16") return MEND_DTYPE_FLOAT16;
-  throw py::value_error("dtype must be one of 'float32', 'bfloat16', 'float16', got '" + dtype + "'");
-}
+// Pointers of this module are host addresses (tensor.data_ptr() of CPU tensors).
+constexpr const char* kPtr = "data";
 
 void raise_status(int status, const char* op) {
   if (status == MEND_OK) return;
@@ -37,14 +33,8 @@ void raise_status(int status, const char* op) {
 
 void rank_update(uintptr_t w_ptr, const std::string& dtype, int64_t M, int64_t N, int64_t ldw,
                  uintptr_t a_ptr, uintptr_t b_ptr, int64_t K, float scale) {
-  const int code = dtype_code(dtype);
-  require(w_ptr != 0, "w_ptr must be a non-null data pointer");
-  require(a_ptr != 0, "a_ptr must be a non-null data pointer");
-  require(b_ptr != 0, "b_ptr must be a non-null data pointer");
-  require(M >= 1, "M (rows of W) must be >= 1");
-  require(N >= 1, "N (columns of W) must be >= 1");
-  require(K >= 1, "K (rank, rows of A and B) must be >= 1");
-  require(ldw >= N, "ldw (row stride of W, in elements) must be >= N");
+  const int code = mend_binding::dtype_code(dtype);
+  mend_binding::check_rank_update(kPtr, w_ptr, a_ptr, b_ptr, M, N, ldw, K);
   int status;
   {
     py::gil_scoped_release release;
@@ -57,13 +47,11 @@ void rank_update(uintptr_t w_ptr, const std::string& dtype, int64_t M, int64_t N
 
 void running_moments(uintptr_t mean_ptr, uintptr_t m2_ptr, int64_t count, uintptr_t x_ptr, int64_t n,
                      int64_t d, int64_t ldx) {
-  require(mean_ptr != 0, "mean_ptr must be a non-null data pointer");
-  require(m2_ptr != 0, "m2_ptr must be a non-null data pointer");
-  require(x_ptr != 0, "x_ptr must be a non-null data pointer");
+  require_pointer(mean_ptr, "mean_ptr", kPtr);
+  require_pointer(m2_ptr, "m2_ptr", kPtr);
+  require_pointer(x_ptr, "x_ptr", kPtr);
   require(count >= 0, "count (rows already merged) must be >= 0");
-  require(n >= 1, "n (rows of x) must be >= 1");
-  require(d >= 1, "d (columns of x) must be >= 1");
-  require(ldx >= d, "ldx (row stride of x, in elements) must be >= d");
+  mend_binding::check_moments_sizes(n, d, ldx);
   int status;
   {
     py::gil_scoped_release release;

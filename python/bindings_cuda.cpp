@@ -12,22 +12,17 @@
 #include <stdexcept>
 #include <string>
 
+#include "binding_checks.h"
 #include "mend/kernels.h"
 
 namespace py = pybind11;
 
 namespace {
 
-void require(bool ok, const char* message) {
-  if (!ok) throw py::value_error(message);
-}
+using mend_binding::require_pointer;
 
-int dtype_code(const std::string& dtype) {
-  if (dtype == "float32") return MEND_DTYPE_FLOAT32;
-  if (dtype == "bfloat16") return MEND_DTYPE_BFLOAT16;
-  if (dtype == "float16") return MEND_DTYPE_FLOAT16;
-  throw py::value_error("dtype must be one of 'float32', 'bfloat16', 'float16', got '" + dtype + "'");
-}
+// Pointers of this module are CUDA device addresses (tensor.data_ptr() of CUDA tensors).
+constexpr const char* kPtr = "device";
 
 void raise_cuda(int status, const char* op) {
   if (status != 0)
@@ -37,14 +32,8 @@ void raise_cuda(int status, const char* op) {
 
 void rank_update(uintptr_t w_ptr, const std::string& dtype, int64_t M, int64_t N, int64_t ldw,
                  uintptr_t a_ptr, uintptr_t b_ptr, int64_t K, float scale, uintptr_t stream) {
-  const int code = dtype_code(dtype);
-  require(w_ptr != 0, "w_ptr must be a non-null device pointer");
-  require(a_ptr != 0, "a_ptr must be a non-null device pointer");
-  require(b_ptr != 0, "b_ptr must be a non-null device pointer");
-  require(M >= 1, "M (rows of W) must be >= 1");
-  require(N >= 1, "N (columns of W) must be >= 1");
-  require(K >= 1, "K (rank, rows of A and B) must be >= 1");
-  require(ldw >= N, "ldw (row stride of W, in elements) must be >= N");
+  const int code = mend_binding::dtype_code(dtype);
+  mend_binding::check_rank_update(kPtr, w_ptr, a_ptr, b_ptr, M, N, ldw, K);
   int status;
   {
     py::gil_scoped_release release;
@@ -57,13 +46,11 @@ void rank_update(uintptr_t w_ptr, const std::string& dtype, int64_t M, int64_t N
 
 void running_moments(uintptr_t mean_ptr, uintptr_t m2_ptr, uintptr_t count_ptr, uintptr_t x_ptr, int64_t n,
                      int64_t d, int64_t ldx, uintptr_t stream) {
-  require(mean_ptr != 0, "mean_ptr must be a non-null device pointer");
-  require(m2_ptr != 0, "m2_ptr must be a non-null device pointer");
-  require(count_ptr != 0, "count_ptr must be a non-null device pointer (int64 scalar)");
-  require(x_ptr != 0, "x_ptr must be a non-null device pointer");
-  require(n >= 1, "n (rows of x) must be >= 1");
-  require(d >= 1, "d (columns of x) must be >= 1");
-  require(ldx >= d, "ldx (row stride of x, in elements) must be >= d");
+  require_pointer(mean_ptr, "mean_ptr", kPtr);
+  require_pointer(m2_ptr, "m2_ptr", kPtr);
+  require_pointer(count_ptr, "count_ptr", kPtr, " (int64 scalar)");
+  require_pointer(x_ptr, "x_ptr", kPtr);
+  mend_binding::check_moments_sizes(n, d, ldx);
   int status;
   {
     py::gil_scoped_release release;

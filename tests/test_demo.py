@@ -71,3 +71,14 @@ def test_cli_demo_writes_the_json_table(cache, tmp_path, monkeypatch, capsys):
     assert "MEND" in printed and "held-out edits" in printed
     assert set(json.loads((tmp_path / "table.json").read_text())["rows"]) == {"MEND", "FT", "FT+KL"}
     transformers.logging.set_verbosity_error()
+
+
+def test_cli_train_resume_and_eval(cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_demo_config", lambda args: TOY)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--quiet", "--out", str(out)]) == 0
+    assert (out / "best" / "config.json").is_file() and (out / "checkpoint" / "trainer.json").is_file()
+    assert cli.main(["train", "--quiet", "--out", str(out), "--resume", str(out / "checkpoint")]) == 0
+    assert '"steps": 6' in capsys.readouterr().out  # resumed at the end: nothing left to do
+    assert cli.main(["eval", "--quiet", "--editor", str(out / "best"), "--json", str(tmp_path / "eval.json")]) == 0
+    assert set(json.loads((tmp_path / "eval.json").read_text())["rows"]) == {"MEND", "FT", "FT+KL"}

@@ -567,3 +567,22 @@ def test_failure_in_apply_edits_without_originals_rolls_back_to_rounding(monkeyp
             torch.testing.assert_close(parameter, before[name], rtol=0, atol=1e-6)
         else:  # never touched
             assert torch.equal(parameter, before[name]), name
+
+
+def test_gradient_checkpointing_is_refused_with_a_clear_message():
+    model = make_model("gpt2")
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()  # transformers 5 renamed gradient_checkpointing_enable
+    editor = mk.MENDEditor.for_model(model, rank=8)
+    before = _snapshot(model)
+    with pytest.raises(mk.InvalidInputError, match="gradient checkpointing"):
+        editor.edit(model, **edit_batch("gpt2"))
+    _assert_same(model, before, "gradient checkpointing")
+
+
+def test_malformed_edit_file_metadata_is_a_checkpoint_error(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w.u": torch.zeros(1, 2)}, str(tmp_path / "edits.safetensors"), metadata={"layouts": "[1, 2]"})
+    with pytest.raises(mk.CheckpointError, match="cannot read edits"):
+        mk.load_edits(tmp_path / "edits.safetensors")

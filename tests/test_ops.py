@@ -192,3 +192,44 @@ def test_backend_selection_explicit_environment_and_errors(monkeypatch):
 def test_ops_reject_bad_arguments(call, message):
     with pytest.raises(mk.InvalidInputError, match=message):
         call()
+
+
+@pytest.mark.parametrize("backend", cpu_backends(RANK_UPDATE))
+def test_weights_with_overlapping_rows_are_refused_by_compiled_backends(backend):
+    base = torch.zeros(20)
+    weight = base[:4].expand(3, 4)  # row stride 0: every row is the same memory
+    if backend == "reference":
+        with pytest.raises(RuntimeError):  # torch refuses in-place writes to overlapping memory
+            mk.ops.rank_update_(weight, torch.ones(1, 4), torch.ones(1, 3), 1.0, backend=backend)
+    else:
+        with pytest.raises(mk.InvalidInputError, match="non-overlapping rows"):
+            mk.ops.rank_update_(weight, torch.ones(1, 4), torch.ones(1, 3), 1.0, backend=backend)
+    assert base.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", cpu_backends(RUNNING_MOMENTS))
+def test_running_moments_with_broadcast_rows_and_a_fresh_start(backend):
+    rows = torch.arange(8.0).expand(5, 8)  # row stride 0
+    mean, m2, count = torch.full((8,), float("nan")), torch.full((8,), 7.0), torch.zeros((), dtype=torch.int64)
+    mk.ops.running_moments_(mean, m2, count, rows, backend=backend)  # count 0: old values are ignored
+    torch.testing.assert_close(mean, torch.arange(8.0))
+    torch.testing.assert_close(m2, torch.zeros(8))
+
+
+@pytest.mark.parametrize("backend", cpu_backends(RANK_UPDATE))
+def test_direct_op_calls_are_checked_before_any_kernel_runs(backend):
+    weight = torch.zeros(64, 64)
+    with pytest.raises(mk.InvalidInputError, match="a must have shape"):
+        torch.ops.mend.rank_update_(weight, torch.ones(1, 8), torch.ones(1, 64), 1.0, backend)
+    with pytest.raises(mk.InvalidInputError, match="no 'fastest' implementation"):
+        torch.ops.mend.rank_update_(weight, torch.ones(1, 64), torch.ones(1, 64), 1.0, "fastest")
+    assert weight.abs().sum() == 0
+
+
+def test_environment_backend_applies_only_to_ops_that_implement_it(monkeypatch):
+    monkeypatch.setenv(mk.ops.ENV_VAR, "reference")
+    assert mk.ops.EDITOR_MLP.select(torch.device("cpu"))[0] == "reference"
+    monkeypatch.setenv(mk.ops.ENV_VAR, "cpu")
+    assert mk.ops.EDITOR_MLP.select(torch.device("cpu"))[0] == "reference"  # no cpu editor_mlp yet
+    if backend_status("cpu").available:
+        assert RANK_UPDATE.select(torch.device("cpu"))[0] == "cpu"

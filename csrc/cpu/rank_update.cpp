@@ -14,7 +14,7 @@
 //   3. The micro-kernel is written once with GCC/Clang vector extensions and compiled for three
 //      instruction sets in this translation unit (function multiversioning by target attributes):
 //      AVX-512 (8 x 48 tile), AVX2+FMA (6 x 16 tile) and the compiler's baseline (4 x 12 tile). The
-//      path is picked at run time from the CPU's features (mend_cpu_simd_path). No -march=native.
+//      path is picked at run time from the CPU's features (simd.h). No -march=native.
 //
 // The float -> bfloat16 / float16 conversions are written here with integer/float lane operations,
 // bit-identical to c10's scalar conversions (round to nearest even, +-inf on overflow, subnormals
@@ -33,75 +33,14 @@
 #include <omp.h>
 #endif
 
-#if !defined(__GNUC__) && !defined(__clang__)
-#error "mend_kernels CPU kernels need GCC or Clang (vector extensions, target attributes)"
-#endif
-
-#define MEND_INLINE inline __attribute__((always_inline))
+#include "simd.h"
 
 // Vectors are only passed between always-inlined functions; their by-value ABI is irrelevant.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
-#if defined(__x86_64__) || defined(__i386__)
-#define MEND_X86 1
-#if defined(__clang__)
-#define MEND_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2"), min_vector_width(512)))
-#define MEND_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2")))
-#else
-#define MEND_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,prefer-vector-width=512")))
-#define MEND_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2")))
-#endif
-#endif
-
 namespace mend_cpu {
-
-// ------------------------------------------------------------------------------------------------
-// SIMD path selection (shared with running_moments.cpp through mend_cpu_simd_path()).
-// ------------------------------------------------------------------------------------------------
-
-enum SimdPath { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-
-static SimdPath hardware_path() {
-#ifdef MEND_X86
-  static const SimdPath cached = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("fma"))
-      return kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
-    return kBaseline;
-  }();
-  return cached;
-#else
-  return kBaseline;
-#endif
-}
-
-static SimdPath selected_path() {
-  SimdPath hw = hardware_path();
-  const char* env = std::getenv("MEND_KERNELS_CPU_ISA");
-  if (env != nullptr && env[0] != '\0') {
-    SimdPath want = hw;
-    if (std::strcmp(env, "baseline") == 0) want = kBaseline;
-    else if (std::strcmp(env, "avx2") == 0) want = kAvx2;
-    else if (std::strcmp(env, "avx512") == 0) want = kAvx512;
-    return want < hw ? want : hw;
-  }
-  return hw;
-}
-
-static const char* path_name(SimdPath p) {
-  switch (p) {
-    case kAvx512: return "avx512";
-    case kAvx2: return "avx2";
-    default: return "baseline";
-  }
-}
 
 // ------------------------------------------------------------------------------------------------
 // Vector helpers (generic; compiled for whichever target the calling function has).
@@ -238,26 +177,25 @@ struct Elem<MEND_DTYPE_FLOAT32> {
   template <int VL>
   static MEND_INLINE void vstore(T* p, const typename Vec<VL>::f& x) { store_as(p, x); }
 };
-template <>
-struct Elem<MEND_DTYPE_BFLOAT16> {
+// The two 16-bit formats differ only in their conversions (chosen at compile time).
+template <int DT>
+struct Elem16 {
   typedef uint16_t T;
-  static MEND_INLINE float load(const T* p) { return bf16_to_f32(*p); }
-  static MEND_INLINE void store(T* p, float x) { *p = f32_to_bf16(x); }
+  static constexpr bool kBf16 = DT == MEND_DTYPE_BFLOAT16;
+  static MEND_INLINE float load(const T* p) { return kBf16 ? bf16_to_f32(*p) : f16_to_f32(*p); }
+  static MEND_INLINE void store(T* p, float x) { *p = kBf16 ? f32_to_bf16(x) : f32_to_f16(x); }
   template <int VL>
-  static MEND_INLINE typename Vec<VL>::f vload(const T* p) { return vload_bf16<VL>(p); }
+  static MEND_INLINE typename Vec<VL>::f vload(const T* p) { return kBf16 ? vload_bf16<VL>(p) : vload_f16<VL>(p); }
   template <int VL>
-  static MEND_INLINE void vstore(T* p, const typename Vec<VL>::f& x) { vstore_bf16<VL>(p, x); }
+  static MEND_INLINE void vstore(T* p, const typename Vec<VL>::f& x) {
+    if (kBf16) vstore_bf16<VL>(p, x);
+    else vstore_f16<VL>(p, x);
+  }
 };
 template <>
-struct Elem<MEND_DTYPE_FLOAT16> {
-  typedef uint16_t T;
-  static MEND_INLINE float load(const T* p) { return f16_to_f32(*p); }
-  static MEND_INLINE void store(T* p, float x) { *p = f32_to_f16(x); }
-  template <int VL>
-  static MEND_INLINE typename Vec<VL>::f vload(const T* p) { return vload_f16<VL>(p); }
-  template <int VL>
-  static MEND_INLINE void vstore(T* p, const typename Vec<VL>::f& x) { vstore_f16<VL>(p, x); }
-};
+struct Elem<MEND_DTYPE_BFLOAT16> : Elem16<MEND_DTYPE_BFLOAT16> {};
+template <>
+struct Elem<MEND_DTYPE_FLOAT16> : Elem16<MEND_DTYPE_FLOAT16> {};
 
 // ------------------------------------------------------------------------------------------------
 // Problem description shared by the driver and the per-block kernels.
@@ -508,7 +446,7 @@ static int rank_update(void* w, int dtype, int64_t M, int64_t N, int64_t ldw, co
   if (dtype != MEND_DTYPE_FLOAT32 && dtype != MEND_DTYPE_BFLOAT16 && dtype != MEND_DTYPE_FLOAT16)
     return MEND_ERR_INVALID_ARGUMENT;
 
-  const Kernel kern = kernel_for(selected_path());
+  const Kernel kern = kernel_for(selected_simd_path());
   const int64_t MR = kern.mr, NR = kern.nr;
   const int64_t n_slivers = (N + NR - 1) / NR;
 
@@ -576,7 +514,7 @@ extern "C" int mend_cpu_rank_update(void* w, int dtype, int64_t M, int64_t N, in
 }
 
 extern "C" const char* mend_cpu_simd_path(void) {
-  return mend_cpu::path_name(mend_cpu::selected_path());
+  return mend_cpu::simd_path_name(mend_cpu::selected_simd_path());
 }
 
 #ifndef MEND_COMPILER_ID

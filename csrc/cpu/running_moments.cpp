@@ -9,36 +9,18 @@
 // and rounded once to float32.
 //
 // Like rank_update.cpp, the chunk kernel is compiled for AVX-512, AVX2 and the baseline target and
-// picked at run time (mend_cpu_simd_path()).
+// picked at run time (simd.h).
 
 #include "mend/kernels.h"
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#if !defined(__GNUC__) && !defined(__clang__)
-#error "mend_kernels CPU kernels need GCC or Clang (target attributes)"
-#endif
-
-#define MEND_INLINE inline __attribute__((always_inline))
-
-#if defined(__x86_64__) || defined(__i386__)
-#define MEND_X86 1
-#if defined(__clang__)
-#define MEND_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2"), min_vector_width(512)))
-#define MEND_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2")))
-#else
-#define MEND_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,prefer-vector-width=512")))
-#define MEND_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2")))
-#endif
-#endif
+#include "simd.h"
 
 namespace mend_cpu_moments {
 
@@ -157,12 +139,13 @@ MEND_TARGET_AVX2 static void chunk_avx2(const Args& p, int64_t c0, int64_t cw) {
 static void chunk_baseline(const Args& p, int64_t c0, int64_t cw) { chunk_impl(p, c0, cw); }
 
 static ChunkFn chunk_fn() {
+  switch (mend_cpu::selected_simd_path()) {
 #ifdef MEND_X86
-  const char* path = mend_cpu_simd_path();
-  if (std::strcmp(path, "avx512") == 0) return chunk_avx512;
-  if (std::strcmp(path, "avx2") == 0) return chunk_avx2;
+    case mend_cpu::kAvx512: return chunk_avx512;
+    case mend_cpu::kAvx2: return chunk_avx2;
 #endif
-  return chunk_baseline;
+    default: return chunk_baseline;
+  }
 }
 
 static int running_moments(float* mean, float* m2, int64_t count, const float* x, int64_t n, int64_t d,

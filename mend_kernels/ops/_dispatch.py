@@ -8,9 +8,10 @@ Every op in :mod:`mend_kernels.ops` is an :class:`Op` with implementations regis
 - ``reference`` pure PyTorch, always present, correct on every device: the test oracle.
 
 Selection: the explicit ``backend=`` argument, else the environment variable
-``MEND_KERNELS_BACKEND``, else the best backend available for the tensor's device. An explicit or
-environment choice that cannot run raises :class:`BackendUnavailableError` saying why; it never
-falls back silently, so a benchmark of one backend measures that backend.
+``MEND_KERNELS_BACKEND`` (for the ops that implement that backend), else the best backend available
+for the tensor's device. An explicit or environment choice that cannot run raises
+:class:`BackendUnavailableError` saying why; it never falls back silently, so a benchmark of one
+backend measures that backend.
 """
 
 from __future__ import annotations
@@ -109,13 +110,19 @@ class Op:
         return tuple(b for b in BACKENDS if b in self._impls)
 
     def impl(self, backend: str) -> Callable:
+        if backend not in self._impls:
+            raise InvalidInputError(f"op {self.name} has no {backend!r} implementation (it has {self.backends})")
         return self._impls[backend]
 
     def select(self, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
         """(name, implementation) for a call on ``device``; see the module docstring for the rules."""
-        source, requested = ("backend=", backend) if backend else (f"{ENV_VAR}=", os.environ.get(ENV_VAR))
-        if requested:
-            self._check_requested(requested, device, source)
+        if backend:
+            self._check_requested(backend, device, "backend=")
+            return backend, self._impls[backend]
+        requested = os.environ.get(ENV_VAR)
+        # The environment sets a preference for every op; ops without that backend keep their default.
+        if requested and (requested not in BACKENDS or requested in self._impls):
+            self._check_requested(requested, device, f"{ENV_VAR}=")
             return requested, self._impls[requested]
         for candidate in _PREFERENCE.get(device.type, ("reference",)):
             if candidate in self._impls and backend_status(candidate).available:

@@ -59,6 +59,10 @@ def rank_update_(
 
 @torch.library.custom_op("mend::rank_update_", mutates_args=("weight",))
 def _rank_update_op(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, backend: str) -> None:
+    # The op is callable directly (torch.ops.mend.rank_update_): kernels get raw pointers, so check here.
+    check_tensor("weight", weight, ndim=2, dtypes=WEIGHT_DTYPES)
+    check_tensor("a", a, dtypes=(torch.float32,), device=weight.device, shape=(None, weight.shape[0]), min_rows=1)
+    check_tensor("b", b, dtypes=(torch.float32,), device=weight.device, shape=(a.shape[0], weight.shape[1]))
     RANK_UPDATE.impl(backend)(weight, a, b, scale)
 
 
@@ -73,13 +77,14 @@ def _rank_update_reference(weight: torch.Tensor, a: torch.Tensor, b: torch.Tenso
 
 
 def _unit_stride_view(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
-    """(W, A, B) with W row-major: a column-major weight is updated through its transpose."""
-    if weight.stride(1) == 1:
-        return weight, a, b
-    if weight.stride(0) == 1:
-        return weight.t(), b, a
+    """(W, A, B) with W row-major and rows that do not overlap; a column-major W goes through W.T."""
+    for w, first, second in ((weight, a, b), (weight.t(), b, a)):
+        rows, cols = w.shape
+        if w.stride(1) == 1 and (rows == 1 or w.stride(0) >= cols):
+            return w, first, second
     raise InvalidInputError(
-        f"weight must be contiguous in one dimension for compiled backends, got strides {weight.stride()}"
+        f"compiled backends need a weight with unit stride in one dimension and non-overlapping rows, "
+        f"got shape {tuple(weight.shape)} with strides {weight.stride()}"
     )
 
 
@@ -88,7 +93,7 @@ def _launch_native(kernel, weight: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     a, b = a.contiguous(), b.contiguous()  # held in this frame until the kernel returns
     rows, cols = w.shape
     dtype_name = str(w.dtype).removeprefix("torch.")
-    ldw = max(w.stride(0), cols)
+    ldw = w.stride(0) if rows > 1 else cols
     kernel(w.data_ptr(), dtype_name, rows, cols, ldw, a.data_ptr(), b.data_ptr(), a.shape[0], scale, *extra)
 
 

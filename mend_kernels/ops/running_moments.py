@@ -37,11 +37,7 @@ def running_moments_(
         >>> mean.tolist(), m2.tolist(), int(count)
         ([2.0, 4.0], [2.0, 8.0], 2)
     """
-    check_tensor("mean", mean, ndim=1, dtypes=(torch.float32,), contiguous=True)
-    dim = mean.shape[0]
-    check_tensor("m2", m2, dtypes=(torch.float32,), device=mean.device, shape=(dim,), contiguous=True)
-    check_tensor("count", count, dtypes=(torch.int64,), device=mean.device, shape=())
-    check_tensor("rows", rows, dtypes=(torch.float32,), device=mean.device, shape=(None, dim), min_rows=1)
+    check_tensor("mean", mean)  # the op checks the rest; the device picks the backend
     name, _ = RUNNING_MOMENTS.select(mean.device, backend)
     torch.ops.mend.running_moments_(mean, m2, count, rows, name)
 
@@ -50,6 +46,12 @@ def running_moments_(
 def _running_moments_op(
     mean: torch.Tensor, m2: torch.Tensor, count: torch.Tensor, rows: torch.Tensor, backend: str
 ) -> None:
+    # The op is callable directly (torch.ops.mend.running_moments_): kernels get raw pointers, so check here.
+    check_tensor("mean", mean, ndim=1, dtypes=(torch.float32,), contiguous=True)
+    dim = mean.shape[0]
+    check_tensor("m2", m2, dtypes=(torch.float32,), device=mean.device, shape=(dim,), contiguous=True)
+    check_tensor("count", count, dtypes=(torch.int64,), device=mean.device, shape=())
+    check_tensor("rows", rows, dtypes=(torch.float32,), device=mean.device, shape=(None, dim), min_rows=1)
     RUNNING_MOMENTS.impl(backend)(mean, m2, count, rows)
 
 
@@ -63,16 +65,21 @@ def _running_moments_reference(mean, m2, count, rows) -> None:
     n = rows.shape[0]
     batch_mean = rows.mean(dim=0)
     batch_m2 = (rows - batch_mean).square().sum(dim=0)
-    # A zero count gives exactly the batch statistics: weight 1 on the batch, 0 on the old M2.
     batch_weight = (n / (count + n)).to(torch.float32)
     shift = batch_mean - mean
-    mean.add_(shift * batch_weight)
-    m2.add_(batch_m2 + shift.square() * (count.to(torch.float32) * batch_weight))
+    merged_mean = mean + shift * batch_weight
+    merged_m2 = m2 + batch_m2 + shift.square() * (count.to(torch.float32) * batch_weight)
+    first = count == 0  # the old values mean nothing yet (they may even be NaN): take the batch's
+    mean.copy_(torch.where(first, batch_mean, merged_mean))
+    m2.copy_(torch.where(first, batch_m2, merged_m2))
     count.add_(n)
 
 
 def _rows_with_unit_stride(rows: torch.Tensor) -> torch.Tensor:
-    return rows if rows.stride(1) == 1 else rows.contiguous()
+    """Rows the kernels can walk with a row stride: unit column stride, rows not overlapping."""
+    n, dim = rows.shape
+    ok = rows.stride(1) == 1 and (n == 1 or rows.stride(0) >= dim)
+    return rows if ok else rows.contiguous()
 
 
 @RUNNING_MOMENTS.register("cpu")
@@ -80,7 +87,7 @@ def _running_moments_cpu(mean, m2, count, rows) -> None:
     rows = _rows_with_unit_stride(rows)
     n, dim = rows.shape
     _native.load(_native.CPU_MODULE).running_moments(
-        mean.data_ptr(), m2.data_ptr(), int(count), rows.data_ptr(), n, dim, max(rows.stride(0), dim)
+        mean.data_ptr(), m2.data_ptr(), int(count), rows.data_ptr(), n, dim, rows.stride(0) if n > 1 else dim
     )
     count.add_(n)
 
@@ -92,6 +99,6 @@ def _running_moments_cuda(mean, m2, count, rows) -> None:
     with torch.cuda.device(mean.device):  # the kernel launches on the current device
         stream = torch.cuda.current_stream(mean.device).cuda_stream
         _native.load(_native.CUDA_MODULE).running_moments(
-            mean.data_ptr(), m2.data_ptr(), count.data_ptr(), rows.data_ptr(), n, dim, max(rows.stride(0), dim), stream
+            mean.data_ptr(), m2.data_ptr(), count.data_ptr(), rows.data_ptr(), n, dim, rows.stride(0) if n > 1 else dim, stream
         )
     count.add_(n)

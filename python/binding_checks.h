@@ -1,0 +1,56 @@
+// Argument checks shared by the pybind11 modules mend_kernels._C (bindings.cpp) and
+// mend_kernels._C_cuda (bindings_cuda.cpp): each failed check raises ValueError naming the argument
+// and what was expected. Only pybind11 and the C ABI's plain types: no CPU- or CUDA-specific code.
+#ifndef MEND_BINDING_CHECKS_H_
+#define MEND_BINDING_CHECKS_H_
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "mend/kernels.h"
+
+namespace mend_binding {
+
+inline void require(bool ok, const char* message) {
+  if (!ok) throw pybind11::value_error(message);
+}
+
+// `kind` names the memory the module expects ("data" for host, "device" for CUDA).
+inline void require_pointer(uintptr_t ptr, const char* name, const char* kind, const char* note = "") {
+  if (ptr == 0)
+    throw pybind11::value_error(std::string(name) + " must be a non-null " + kind + " pointer" + note);
+}
+
+// MEND_DTYPE_* code of W's dtype name.
+inline int dtype_code(const std::string& dtype) {
+  if (dtype == "float32") return MEND_DTYPE_FLOAT32;
+  if (dtype == "bfloat16") return MEND_DTYPE_BFLOAT16;
+  if (dtype == "float16") return MEND_DTYPE_FLOAT16;
+  throw pybind11::value_error("dtype must be one of 'float32', 'bfloat16', 'float16', got '" + dtype + "'");
+}
+
+// rank_update: W (M, N; row stride ldw), A (K, M), B (K, N).
+inline void check_rank_update(const char* kind, uintptr_t w_ptr, uintptr_t a_ptr, uintptr_t b_ptr, int64_t M,
+                              int64_t N, int64_t ldw, int64_t K) {
+  require_pointer(w_ptr, "w_ptr", kind);
+  require_pointer(a_ptr, "a_ptr", kind);
+  require_pointer(b_ptr, "b_ptr", kind);
+  require(M >= 1, "M (rows of W) must be >= 1");
+  require(N >= 1, "N (columns of W) must be >= 1");
+  require(K >= 1, "K (rank, rows of A and B) must be >= 1");
+  require(ldw >= N, "ldw (row stride of W, in elements) must be >= N");
+}
+
+// running_moments: the sizes of x (n, d; row stride ldx). The pointers and the count are checked by
+// each module (the count is a value on the CPU, a device pointer on CUDA).
+inline void check_moments_sizes(int64_t n, int64_t d, int64_t ldx) {
+  require(n >= 1, "n (rows of x) must be >= 1");
+  require(d >= 1, "d (columns of x) must be >= 1");
+  require(ldx >= d, "ldx (row stride of x, in elements) must be >= d");
+}
+
+}  // namespace mend_binding
+
+#endif  // MEND_BINDING_CHECKS_H_
