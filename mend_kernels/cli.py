@@ -53,6 +53,10 @@ def _add_pipeline_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--lr", type=float, help="editor learning rate")
     command.add_argument("--out", help="directory for checkpoints, the best editor and validation.jsonl")
     command.add_argument("--seed", type=int, default=0)
+    command.add_argument(
+        "--ablation", choices=("none", "no-norm", "no-id-init"), default="none",
+        help="train without input normalisation or without identity initialisation (paper Table 6)",
+    )
     command.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -68,7 +72,10 @@ def _demo_config(args: argparse.Namespace):
     if args.lr is not None:
         train = replace(train, lr=args.lr)
     eval_edits = getattr(args, "eval_edits", None) or config.eval_edits
-    return replace(config, train=train, eval_edits=eval_edits)
+    return replace(
+        config, train=train, eval_edits=eval_edits,
+        normalize=args.ablation != "no-norm", identity_init=args.ablation != "no-id-init",
+    )
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -47,6 +47,9 @@ class EditorConfig:
         shared: one editor per weight shape (True) or one per weight.
         eps: added to the standard deviation before normalising.
         shift_labels: labels are shifted by one position (causal LMs).
+        normalize: normalise the rows with running statistics (off: the paper's "no norm" ablation).
+        identity_init: start the residual branches at zero so the editor is the identity (off: the
+            up projection is Xavier-initialised, the paper's "no ID init" ablation).
     """
 
     targets: list[EditTarget]
@@ -58,6 +61,8 @@ class EditorConfig:
     shared: bool = True
     eps: float = 1e-7
     shift_labels: bool = True
+    normalize: bool = True
+    identity_init: bool = True
     format_version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self) -> None:
@@ -96,11 +101,21 @@ class ShapeGroupEditor(nn.Module):
     (L, n_modes, D). Statistics of concat(u, delta) rows: ``count``, ``mean`` (D,), ``m2`` (D,).
     """
 
-    def __init__(self, n_in: int, n_out: int, n_modes: int, rank: int, n_layers: int, v_init: str = "normal"):
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_modes: int,
+        rank: int,
+        n_layers: int,
+        v_init: str = "normal",
+        normalize: bool = True,
+        identity_init: bool = True,
+    ):
         super().__init__()
         dim = n_in + n_out
         rank = min(rank, dim)
-        self.n_in, self.n_out = n_in, n_out
+        self.n_in, self.n_out, self.normalize = n_in, n_out, normalize
         self.down_proj = nn.Parameter(torch.empty(n_layers, rank, dim))
         self.up_proj = nn.Parameter(torch.zeros(n_layers, dim, rank))
         self.bias = nn.Parameter(torch.zeros(n_layers, dim))
@@ -112,6 +127,9 @@ class ShapeGroupEditor(nn.Module):
         with torch.no_grad():
             for layer in self.down_proj:
                 nn.init.normal_(layer) if v_init == "normal" else nn.init.xavier_uniform_(layer)
+            if not identity_init:
+                for layer in self.up_proj:
+                    nn.init.xavier_uniform_(layer)
 
     def update_statistics(self, rows: torch.Tensor) -> None:
         """Merge concat(u, delta) rows into the running statistics (training mode only)."""
@@ -127,18 +145,19 @@ class ShapeGroupEditor(nn.Module):
         return (self.m2 / (count - 1)).sqrt()
 
     def forward(self, rows: torch.Tensor, mode: int, eps: float) -> torch.Tensor:
-        if self.training:
+        if self.normalize and self.training:
             self.update_statistics(rows)
+        mean, std = (self.mean, self.std()) if self.normalize else (torch.zeros_like(self.mean), torch.ones_like(self.m2))
         return ops.editor_mlp(
             rows,
-            self.mean,
-            self.std(),
+            mean,
+            std,
             self.down_proj,
             self.up_proj,
             self.bias,
             self.mode_scale[:, mode],
             self.mode_shift[:, mode],
-            eps,
+            eps if self.normalize else 0.0,
         )
 
 
@@ -169,17 +188,23 @@ class MENDEditor(nn.Module):
         self.groups = nn.ModuleDict(
             {
                 key: ShapeGroupEditor(
-                    group[0].n_in, group[0].n_out, len(group), config.rank, config.n_hidden + 1, config.v_init
+                    group[0].n_in,
+                    group[0].n_out,
+                    len(group),
+                    config.rank,
+                    config.n_hidden + 1,
+                    config.v_init,
+                    config.normalize,
+                    config.identity_init,
                 )
                 for key, group in members.items()
             }
         )
         self.edit_lrs = nn.Parameter(torch.full((len(config.targets),), float(config.edit_lr)))
-        self._slots = {
-            target.name: _Slot(index, target, key, members[key].index(target))
-            for index, target in enumerate(config.targets)
-            for key in [self._group_key(target)]
-        }
+        self._slots = {}
+        for index, target in enumerate(config.targets):
+            key = self._group_key(target)
+            self._slots[target.name] = _Slot(index, target, key, members[key].index(target))
 
     def _group_key(self, target: EditTarget) -> str:
         return target.shape_key if self.config.shared else target.name.replace(".", "#")

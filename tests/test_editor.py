@@ -126,3 +126,20 @@ def test_unknown_weight_names_suggest_close_matches():
     _, editor = gpt2_editor()
     with pytest.raises(mk.TargetError, match="transformer.h.3.mlp.c_fc.weight"):
         editor.pseudo_factors("transformer.h.3.mlp.c_fc.weights", torch.ones(2, 24), torch.ones(2, 96))
+
+
+def test_ablation_without_normalisation_feeds_raw_rows():
+    _, editor = gpt2_editor(normalize=False)
+    name = editor.targets[0].name
+    u, delta = rows_for(editor, name)
+    u_tilde, delta_tilde = editor.eval().pseudo_factors(name, u, delta)  # no statistics needed
+    assert torch.equal(u_tilde, u) and torch.equal(delta_tilde, delta)
+
+
+def test_ablation_without_identity_init_changes_the_rows():
+    _, editor = gpt2_editor(identity_init=False)
+    name = editor.targets[0].name
+    u, delta = rows_for(editor, name)
+    rows = torch.cat((u, delta), 1)
+    normalised = (rows - rows.mean(0)) / (rows.std(0) + 1e-7)
+    assert not torch.allclose(torch.cat(editor.pseudo_factors(name, u, delta), 1), normalised, atol=1e-3)
