@@ -8,7 +8,7 @@ Quick start::
     handle.revert()                                              # restores the weights bit for bit
 """
 
-from . import ops
+from . import data, metrics, ops, train
 from .capture import RowCapture, capture_edit_rows
 from .edit import EditHandle, WeightEdit, apply_edits, load_edits, save_edits
 from .editor import EditorConfig, MENDEditor, ShapeGroupEditor
@@ -24,6 +24,7 @@ from .errors import (
 from .losses import token_nll
 from .requests import encode_requests
 from .targets import PRESETS, EditTarget, resolve_targets
+from .train import MetaTrainer, TrainConfig
 
 __version__ = "0.1.0"
 
@@ -36,20 +37,25 @@ __all__ = [
     "EditorConfig",
     "InvalidInputError",
     "MENDEditor",
+    "MetaTrainer",
     "MendError",
     "NonFiniteError",
     "RowCapture",
     "ShapeGroupEditor",
     "StaleEditError",
     "TargetError",
+    "TrainConfig",
     "WeightEdit",
     "__version__",
     "apply_edits",
     "capture_edit_rows",
+    "data",
     "encode_requests",
     "load_edits",
+    "metrics",
     "ops",
     "resolve_targets",
     "save_edits",
     "token_nll",
+    "train",
 ]
