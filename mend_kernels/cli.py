@@ -51,6 +51,7 @@ def _add_pipeline_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--data", help="zsRE or CounterFact JSON file of edit requests (with --model)")
     command.add_argument("--steps", type=int, help="meta-training steps")
     command.add_argument("--lr", type=float, help="editor learning rate")
+    command.add_argument("--n-edits", type=int, help="edit requests edited together per step (paper Table 5)")
     command.add_argument("--out", help="directory for checkpoints, the best editor and validation.jsonl")
     command.add_argument("--seed", type=int, default=0)
     command.add_argument(
@@ -71,6 +72,8 @@ def _demo_config(args: argparse.Namespace):
         train = replace(train, max_steps=args.steps, val_every=max(1, min(train.val_every, args.steps)))
     if args.lr is not None:
         train = replace(train, lr=args.lr)
+    if args.n_edits is not None:
+        train = replace(train, n_edits=args.n_edits)
     eval_edits = getattr(args, "eval_edits", None) or config.eval_edits
     return replace(
         config, train=train, eval_edits=eval_edits,
