@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
-import transformers
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter here; set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
