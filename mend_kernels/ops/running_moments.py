@@ -10,6 +10,8 @@ far beyond the 2**24 rows at which the reference code's float32 counter stops co
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _native
@@ -101,4 +103,56 @@ def _running_moments_cuda(mean, m2, count, rows) -> None:
         _native.load(_native.CUDA_MODULE).running_moments(
             mean.data_ptr(), m2.data_ptr(), count.data_ptr(), rows.data_ptr(), n, dim, rows.stride(0) if n > 1 else dim, stream
         )
+    count.add_(n)
+
+
+@functools.cache
+def _triton_kernel():
+    """The Triton kernel, compiled on first use so that importing the package never needs triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def running_moments_kernel(
+        mean_ptr, m2_ptr, count_ptr, x_ptr, n, d, stride_xn, stride_xd, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr
+    ):
+        # One block of columns per program; two passes over the rows (mean, then centred squares).
+        cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        in_cols = cols < d
+        total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for r0 in range(0, n, BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N)
+            inside = (rows[:, None] < n) & in_cols[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=inside, other=0.0)
+            total += tl.sum(x, axis=0)
+        batch_mean = total / n
+        squares = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for r0 in range(0, n, BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N)
+            inside = (rows[:, None] < n) & in_cols[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=inside, other=0.0)
+            centred = tl.where(inside, x - batch_mean[None, :], 0.0)
+            squares += tl.sum(centred * centred, axis=0)
+        count = tl.load(count_ptr).to(tl.float32)
+        old_mean = tl.load(mean_ptr + cols, mask=in_cols, other=0.0)
+        old_m2 = tl.load(m2_ptr + cols, mask=in_cols, other=0.0)
+        batch_weight = n / (count + n)
+        shift = batch_mean - old_mean
+        first = count == 0  # old values mean nothing yet
+        new_mean = tl.where(first, batch_mean, old_mean + shift * batch_weight)
+        new_m2 = tl.where(first, squares, old_m2 + squares + shift * shift * count * batch_weight)
+        tl.store(mean_ptr + cols, new_mean, mask=in_cols)
+        tl.store(m2_ptr + cols, new_m2, mask=in_cols)
+
+    return running_moments_kernel
+
+
+_TRITON_BLOCKS = {"BLOCK_D": 128, "BLOCK_N": 32}
+
+
+@RUNNING_MOMENTS.register("triton")
+def _running_moments_triton(mean, m2, count, rows) -> None:
+    n, dim = rows.shape
+    grid = (-(-dim // _TRITON_BLOCKS["BLOCK_D"]),)
+    _triton_kernel()[grid](mean, m2, count, rows, n, dim, *rows.stride(), **_TRITON_BLOCKS)
     count.add_(n)
