@@ -1,0 +1,112 @@
+"""Microbenchmarks of the ops against eager PyTorch, in one run on this machine.
+
+rank_update_: ``W += s * alpha * D^T U`` in place on bf16 weights, against the eager
+``W += (alpha * D.T @ U).to(W.dtype)`` and against the memory floor of copying W once (``copy_``
+into a preallocated buffer). Peak extra memory is measured in a fresh process per provider (Linux
+VmHWM above the resident inputs). The GPU columns are estimates on paper for an H100 SXM, not
+measurements: time >= max(bytes / 3.35 TB/s, FLOPs / 67 TFLOP/s fp32).
+
+    python -m benchmarks.bench_ops [--quick] [--csv results.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import mend_kernels as mk
+from benchmarks.harness import median_seconds, peak_rss_bytes, print_table, run_isolated, write_csv
+from mend_kernels.ops import backend_status
+
+H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3
+H100_FP32 = 67e12  # FLOP/s, CUDA cores (fp32 factors, no TF32)
+SHAPES = ((3072, 768), (16384, 4096))
+ROWS = (16, 64, 256)
+
+
+def operands(out_features: int, in_features: int, rows: int):
+    """bf16 W filled in place (no fp32 temporary the size of W), fp32 factors."""
+    weight = torch.empty(out_features, in_features, dtype=torch.bfloat16)
+    for chunk in weight.view(-1).split(1 << 20):
+        chunk.normal_()
+    generator = torch.Generator().manual_seed(0)
+    return weight, torch.randn(rows, in_features, generator=generator), torch.randn(rows, out_features, generator=generator)
+
+
+def providers(weight: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, spare: torch.Tensor | None) -> dict:
+    scale = 1e-12  # keeps W unchanged in bf16 across repeats; the work is the same
+    calls = {
+        f"mend_kernels[{backend}]": (lambda b=backend: mk.ops.rank_update_(weight, u, delta, scale, backend=b))
+        for backend in ("cpu", "reference")
+        if backend_status(backend).available
+    }
+    calls["eager"] = lambda: weight.add_((scale * delta.t() @ u).to(weight.dtype))
+    if spare is not None:
+        calls["copy W (floor)"] = lambda: spare.copy_(weight)
+    return calls
+
+
+def gpu_estimate_us(out_features: int, in_features: int, rows: int) -> tuple[float, float, float]:
+    moved = 2 * out_features * in_features * 2 + rows * (out_features + in_features) * 4  # bf16 W r+w, fp32 factors
+    flops = 2 * out_features * in_features * rows
+    return moved, flops, 1e6 * max(moved / H100_BANDWIDTH, flops / H100_FP32)
+
+
+def memory_probe(provider: str, out_features: int, in_features: int, rows: int) -> int:
+    """Peak extra bytes of one call of ``provider`` (run in a fresh process by the parent)."""
+    small = operands(64, 32, rows)
+    providers(*small, None)[provider]()  # one-time initialisation (thread pools, BLAS buffers)
+    weight, u, delta = operands(out_features, in_features, rows)
+    baseline = peak_rss_bytes()
+    providers(weight, u, delta, None)[provider]()
+    return peak_rss_bytes() - baseline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="K = 64 only")
+    parser.add_argument("--csv", help="write long-format rows to this CSV file")
+    parser.add_argument("--memory-probe", nargs=4, metavar=("PROVIDER", "OUT", "IN", "ROWS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        provider, *sizes = args.memory_probe
+        print(memory_probe(provider, *map(int, sizes)))
+        return 0
+
+    rows_out, table = [], []
+    for out_features, in_features in SHAPES:
+        for rows in (64,) if args.quick else ROWS:
+            weight, u, delta = operands(out_features, in_features, rows)
+            spare = torch.empty_like(weight)
+            times = {name: median_seconds(call) for name, call in providers(weight, u, delta, spare).items()}
+            moved, flops, h100_us = gpu_estimate_us(out_features, in_features, rows)
+            case = f"{out_features}x{in_features} bf16, {rows} rows"
+            for name, seconds in times.items():
+                extra = None
+                if name != "copy W (floor)":
+                    extra = int(run_isolated("benchmarks.bench_ops", "--memory-probe", name, str(out_features), str(in_features), str(rows)))
+                share = "" if extra is None else f"{100 * max(extra, 0) / weight.nbytes:.1f}%"
+                table.append([
+                    case, name, f"{1e3 * seconds:.2f}", f"{times['eager'] / seconds:.2f}x",
+                    f"{seconds / times['copy W (floor)']:.2f}x", share,
+                    f"{h100_us:.1f}" if name.startswith("mend_kernels") else "",
+                ])
+                rows_out.append({"benchmark": "rank_update_", "provider": name, "case": case, "metric": "median_ms", "value": 1e3 * seconds})
+                if extra is not None:
+                    rows_out.append({"benchmark": "rank_update_", "provider": name, "case": case, "metric": "peak_extra_bytes", "value": extra})
+            rows_out.append({"benchmark": "rank_update_", "provider": "H100 estimate", "case": case, "metric": "estimated_us", "value": h100_us})
+            rows_out.append({"benchmark": "rank_update_", "provider": "H100 estimate", "case": case, "metric": "bytes_moved", "value": moved})
+            rows_out.append({"benchmark": "rank_update_", "provider": "H100 estimate", "case": case, "metric": "flops", "value": flops})
+    print(f"rank_update_ on this CPU ({torch.get_num_threads()} threads); 'vs eager' = eager time / time (higher is better),")
+    print("'vs copy' = time / copy time (1.0 is the memory floor); peak extra memory as a share of W; H100 column: estimate")
+    print_table(["case", "provider", "median ms", "vs eager", "vs copy", "peak extra / W", "H100 est. us"], table)
+    if args.csv:
+        write_csv(rows_out, args.csv)
+    print(json.dumps({"rows": len(rows_out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
