@@ -229,3 +229,20 @@ def test_environment_backend_applies_only_to_ops_that_implement_it(monkeypatch):
     assert mk.ops.EDITOR_MLP.select(torch.device("cpu"))[0] == "reference"  # no cpu editor_mlp yet
     if backend_status("cpu").available:
         assert RANK_UPDATE.select(torch.device("cpu"))[0] == "cpu"
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if backend_status(b).available])
+def test_ops_work_under_torch_compile(backend):
+    def step(weight, u, delta, mean, m2, count, rows):
+        mk.ops.running_moments_(mean, m2, count, rows, backend=backend)
+        mk.ops.rank_update_(weight, u, delta, 0.5, backend=backend)
+        return weight.sum()
+
+    compiled = torch.compile(step, fullgraph=True)  # backend choice and custom ops trace without graph breaks
+    weight, u, delta = torch.zeros(6, 4), torch.randn(3, 4), torch.randn(3, 6)
+    mean, m2, count, rows = torch.zeros(5), torch.zeros(5), torch.zeros((), dtype=torch.int64), torch.randn(7, 5)
+    total = compiled(weight, u, delta, mean, m2, count, rows)
+    torch.testing.assert_close(weight, 0.5 * delta.t() @ u)
+    torch.testing.assert_close(total, weight.sum())
+    torch.testing.assert_close(mean, rows.mean(0))
+    assert int(count) == 7

@@ -116,18 +116,22 @@ class Op:
 
     def select(self, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
         """(name, implementation) for a call on ``device``; see the module docstring for the rules."""
+        name = _choose(self, device.type, backend)
+        return name, self._impls[name]
+
+    def choose(self, device: torch.device, backend: str | None = None) -> str:
         if backend:
             self._check_requested(backend, device, "backend=")
-            return backend, self._impls[backend]
+            return backend
         requested = os.environ.get(ENV_VAR)
         # The environment sets a preference for every op; ops without that backend keep their default.
         if requested and (requested not in BACKENDS or requested in self._impls):
             self._check_requested(requested, device, f"{ENV_VAR}=")
-            return requested, self._impls[requested]
+            return requested
         for candidate in _PREFERENCE.get(device.type, ("reference",)):
             if candidate in self._impls and backend_status(candidate).available:
-                return candidate, self._impls[candidate]
-        return "reference", self._impls["reference"]
+                return candidate
+        return "reference"
 
     def _check_requested(self, requested: str, device: torch.device, source: str) -> None:
         if requested not in BACKENDS:
@@ -143,3 +147,10 @@ class Op:
             raise BackendUnavailableError(
                 f"backend {requested!r} for op {self.name} cannot run on {device} tensors"
             )
+
+
+@torch.compiler.assume_constant_result
+def _choose(op: Op, device_type: str, backend: str | None) -> str:
+    # Under torch.compile the choice is made once, eagerly, and baked into the graph as a constant:
+    # it inspects modules and the environment, which Dynamo does not trace.
+    return op.choose(torch.device(device_type), backend)
