@@ -9,10 +9,11 @@ Public functional entry points:
 
 from ._dispatch import BACKENDS, ENV_VAR, BackendStatus, Op, backend_status
 from .editor_mlp import EDITOR_MLP, editor_mlp
+from .lowrank_linear import LOWRANK_LINEAR, lowrank_linear
 from .rank_update import RANK_UPDATE, rank_update_
 from .running_moments import RUNNING_MOMENTS, running_moments_
 
-ALL_OPS = (RANK_UPDATE, RUNNING_MOMENTS, EDITOR_MLP)
+ALL_OPS = (RANK_UPDATE, RUNNING_MOMENTS, EDITOR_MLP, LOWRANK_LINEAR)
 
 __all__ = [
     "ALL_OPS",
@@ -22,6 +23,7 @@ __all__ = [
     "Op",
     "backend_status",
     "editor_mlp",
+    "lowrank_linear",
     "rank_update_",
     "running_moments_",
 ]
