@@ -21,7 +21,7 @@ from torch import nn
 
 from . import ops
 from ._checks import check_finite, check_tensor
-from .errors import CheckpointError, StaleEditError, TargetError
+from .errors import CheckpointError, InvalidInputError, StaleEditError, TargetError
 from .targets import module_and_layout
 
 
@@ -169,28 +169,34 @@ def apply_edits(
 
 
 @contextmanager
-def lowrank_edited(model: nn.Module, edits: Sequence[WeightEdit]) -> Iterator[None]:
+def lowrank_edited(model: nn.Module, edits: Sequence[WeightEdit], *, backend: str | None = None) -> Iterator[None]:
     """Run ``model`` as if ``edits`` were applied, without touching any weight.
 
-    Each edited layer's output gains the low-rank side path ``scale * (x @ u~.T) @ delta~``, which
-    equals ``x @ dW.T`` for the edit's dense update ``dW`` in either layout. Gradients flow to the
-    factors and steps, so meta-training needs no dense update and no copy of a weight.
+    For the duration, each edited layer computes :func:`mend_kernels.ops.lowrank_linear`:
+    ``x W^T + b + scale * (x u~^T) delta~`` (``x W + ...`` for Conv1D), which equals the layer with
+    the dense update applied. Gradients flow to the factors and steps, so meta-training needs no
+    dense update and no copy of a weight. The module's class and hooks are untouched; only its
+    ``forward`` is replaced on the instance and restored on exit, also on an exception.
     """
-    handles = []
+    patched: list[nn.Module] = []
     try:
         for edit in edits:
-            module, _ = module_and_layout(model, edit.name)
-            handles.append(module.register_forward_hook(partial(_add_side_path, edit=edit)))
+            module, layout = module_and_layout(model, edit.name)
+            if "forward" in module.__dict__:  # e.g. accelerate's dispatch hooks own it: do not bypass them
+                raise InvalidInputError(
+                    f"the module of {edit.name} already has an instance-level forward (accelerate dispatch or a "
+                    "nested lowrank_edited); the low-rank edited forward cannot replace it"
+                )
+            module.forward = partial(_edited_forward, module, edit, layout, backend)
+            patched.append(module)
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for module in patched:
+            del module.forward
 
 
-def _add_side_path(module: nn.Module, args: tuple, output: torch.Tensor, *, edit: WeightEdit) -> torch.Tensor:
-    x = args[0]
-    side = (x.reshape(-1, x.shape[-1]).to(edit.u.dtype) @ edit.u.t()) @ edit.delta
-    return output + (edit.scale * side).reshape(*output.shape[:-1], -1).to(output.dtype)
+def _edited_forward(module: nn.Module, edit: WeightEdit, layout: str, backend: str | None, x: torch.Tensor) -> torch.Tensor:
+    return ops.lowrank_linear(x, module.weight, module.bias, edit.u, edit.delta, edit.scale, layout=layout, backend=backend)
 
 
 def save_edits(edits: Sequence[WeightEdit], path: str | Path) -> None:

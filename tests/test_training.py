@@ -126,3 +126,32 @@ def test_bad_training_arguments_are_refused(tiny_task, tmp_path):
         MetaTrainer(model, editor, tiny_task[0], tiny_task[1], [], config)
     with pytest.raises(mk.CheckpointError, match="cannot read"):
         MetaTrainer.resume(tmp_path / "missing", model, *tiny_task)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_lowrank_edited_forward_equals_the_dense_edit_and_restores_the_model(kind, backend):
+    import copy
+
+    from conftest import edit_batch, make_model
+
+    from mend_kernels.edit import lowrank_edited
+
+    model = make_model(kind)
+    editor = mk.MENDEditor.for_model(model, rank=8, edit_lr=1e-2)
+    batch = edit_batch(kind)
+    edits = editor.compute_edit(model, **batch)
+    dense = copy.deepcopy(model)
+    mk.apply_edits(dense, edits)
+    with torch.no_grad():
+        with lowrank_edited(model, edits, backend=backend):
+            side_path = model(batch["input_ids"]).logits
+        expected = dense(batch["input_ids"]).logits
+    torch.testing.assert_close(side_path, expected, rtol=1e-4, atol=1e-5)
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    with pytest.raises(RuntimeError, match="boom"), lowrank_edited(model, edits):
+        raise RuntimeError("boom")
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    with lowrank_edited(model, edits), pytest.raises(mk.InvalidInputError, match="instance-level forward"):
+        with lowrank_edited(model, edits):
+            pass
