@@ -1,4 +1,8 @@
-"""editor_mlp's triton backend (interpreted on CPU) against the PyTorch reference and a float64 oracle."""
+"""editor_mlp's triton backend against the PyTorch reference and a float64 oracle.
+
+On a GPU machine the kernels run on CUDA tensors; without one, in Triton's interpreter on CPU
+(tests/conftest.py sets TRITON_INTERPRET=1 there).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,9 @@ from mend_kernels.errors import BackendUnavailableError, InvalidInputError
 from mend_kernels.ops import EDITOR_MLP, backend_status
 from mend_kernels.ops.editor_mlp import _editor_mlp_reference
 
-pytestmark = pytest.mark.skipif(
-    not backend_status("triton").available or torch.cuda.is_available(),
-    reason="needs the Triton interpreter on CPU",
-)
+pytestmark = pytest.mark.skipif(not backend_status("triton").available, reason=backend_status("triton").reason)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 PARAMS = ("down_proj", "up_proj", "bias", "scale", "shift")
 EPS = 1e-7
@@ -34,12 +37,12 @@ def make_inputs(n, dim, rank, n_layers, seed=0):
         torch.randn(n_layers, dim, generator=g) + 1.0,
         torch.randn(n_layers, dim, generator=g) * 0.5,
     )
-    return rows, mean, std, params
+    return rows.to(DEVICE), mean.to(DEVICE), std.to(DEVICE), tuple(p.to(DEVICE) for p in params)
 
 
 def run(backend, rows, mean, std, params, grad, dtype=torch.float32, eps=EPS):
     """(output, gradients of the five parameters) for one backend."""
-    leaves = [p.detach().to(dtype).requires_grad_() for p in params]
+    leaves = [p.detach().to(DEVICE, dtype).requires_grad_() for p in params]
     out = mk.ops.editor_mlp(rows.to(dtype), mean.to(dtype), std.to(dtype), *leaves, eps, backend=backend)
     out.backward(grad.to(dtype))
     return out.detach(), [leaf.grad for leaf in leaves]
@@ -56,7 +59,7 @@ CASES = list(itertools.product((1, 2), (1, 5, 37), (3, 20, 40), (1, 7, 16)))
 @pytest.mark.parametrize("n_layers, n, dim, rank", CASES)
 def test_forward_and_parameter_gradients_match_reference(n_layers, n, dim, rank):
     rows, mean, std, params = make_inputs(n, dim, rank, n_layers, seed=n * 1000 + dim * 10 + rank)
-    grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     out, grads = run("triton", rows, mean, std, params, grad)
     ref_out, ref_grads = run("reference", rows, mean, std, params, grad)
     oracle_out, oracle_grads = run("reference", rows, mean, std, params, grad, dtype=torch.float64)
@@ -77,7 +80,7 @@ def test_identity_init_zero_pre_activations_pass_the_gradient(n_layers):
     rows, mean, std, (down, _, _, _, _) = make_inputs(n, dim, rank, n_layers)
     params = (down, torch.zeros(n_layers, dim, rank), torch.zeros(n_layers, dim), torch.ones(n_layers, dim),
               torch.zeros(n_layers, dim))
-    grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(2))
+    grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     out, grads = run("triton", rows, mean, std, params, grad)
     ref_out, ref_grads = run("reference", rows, mean, std, params, grad)
     torch.testing.assert_close(out, (rows - mean) / (std + EPS), rtol=0, atol=0)
@@ -93,11 +96,11 @@ def test_mixed_exact_zero_negative_and_positive_pre_activations():
     # up_proj = 0 so a = bias; shift picks h = a*scale + shift exactly 0, negative or positive per column.
     n, dim, rank, n_layers = 5, 21, 4, 2
     rows, mean, std, (down, _, bias, _, _) = make_inputs(n, dim, rank, n_layers)
-    scale = torch.ones(n_layers, dim)
-    offset = torch.tensor([0.0, -1.0, 1.0]).repeat(dim // 3).expand(n_layers, dim)
+    scale = torch.ones(n_layers, dim, device=DEVICE)
+    offset = torch.tensor([0.0, -1.0, 1.0], device=DEVICE).repeat(dim // 3).expand(n_layers, dim)
     shift = -bias + offset
     params = (down, torch.zeros(n_layers, dim, rank), bias, scale, shift)
-    grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     out, grads = run("triton", rows, mean, std, params, grad)
     ref_out, ref_grads = run("reference", rows, mean, std, params, grad)
     assert_close(out, ref_out, 1e-6)
@@ -115,7 +118,7 @@ def test_input_gradients_and_strided_views():
     mode_scale = torch.stack([scale, scale * 0.5, -scale], dim=1)
     mode_shift = torch.stack([shift, shift + 1, shift - 1], dim=1)
     rows_t = rows.t().contiguous().t()
-    grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(4))
+    grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     results = {}
     for backend in ("triton", "reference"):
         leaves = [t.clone().requires_grad_() for t in (rows_t, mean, std, down, up, bias, mode_scale, mode_shift)]
@@ -156,7 +159,7 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.mend.editor_mlp, (rows.requires_grad_(), mean, std, *leaves, EPS))
     with torch.no_grad():
         _, inner, ts, pres = torch.ops.mend.editor_mlp(rows, mean, std, *params, EPS)
-    grad = torch.randn(n, dim)
+    grad = torch.randn(n, dim, device=DEVICE)
     down, up, _, scale, shift = params
     for compute_dz0 in (True, False):
         args = (grad, rows.detach(), mean, std, down, up, scale, shift, EPS, inner, ts, pres, compute_dz0)
@@ -174,21 +177,22 @@ def test_custom_op_rejects_bad_arguments():
 def test_backend_selection(monkeypatch):
     assert "triton" in EDITOR_MLP.backends
     monkeypatch.delenv(mk.ops.ENV_VAR, raising=False)
-    assert EDITOR_MLP.select(torch.device("cpu"))[0] == "reference"  # the interpreter is never a default
-    assert EDITOR_MLP.select(torch.device("cpu"), "triton")[0] == "triton"
+    default = "triton" if DEVICE.type == "cuda" else "reference"  # the interpreter is never a default
+    assert EDITOR_MLP.select(DEVICE)[0] == default
+    assert EDITOR_MLP.select(DEVICE, "triton")[0] == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET|cannot run on cpu"):
         EDITOR_MLP.select(torch.device("cpu"), "triton")
 
 
 def test_editor_forward_through_the_environment_backend(monkeypatch):
     # ShapeGroupEditor.forward calls ops.editor_mlp unchanged; MEND_KERNELS_BACKEND=triton routes it here.
     torch.manual_seed(0)
-    editor = ShapeGroupEditor(n_in=6, n_out=5, n_modes=2, rank=4, n_layers=2)
+    editor = ShapeGroupEditor(n_in=6, n_out=5, n_modes=2, rank=4, n_layers=2).to(DEVICE)
     with torch.no_grad():
         editor.up_proj.normal_()
         editor.bias.normal_()
-    rows = torch.randn(7, 11)
+    rows = torch.randn(7, 11, device=DEVICE)
     editor.eval()
     editor.update_statistics(rows)
     results = {}
