@@ -7,7 +7,11 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <utility>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "mend/kernels.h"
 
@@ -21,6 +25,17 @@ inline void require(bool ok, const char* message) {
 inline void require_pointer(uintptr_t ptr, const char* name, const char* kind, const char* note = "") {
   if (ptr == 0)
     throw pybind11::value_error(std::string(name) + " must be a non-null " + kind + " pointer" + note);
+}
+
+// Non-null pointers, each named in the error.
+inline void check_pointers(const char* kind, std::initializer_list<std::pair<uintptr_t, const char*>> pointers) {
+  for (const auto& [ptr, name] : pointers) require_pointer(ptr, name, kind);
+}
+
+// The editor kernels' (n, d) row blocks.
+inline void check_editor_sizes(int64_t n, int64_t d) {
+  require(n >= 1, "n (rows) must be >= 1");
+  require(d >= 1, "d (columns) must be >= 1");
 }
 
 // MEND_DTYPE_* code of W's dtype name.

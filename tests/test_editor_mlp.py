@@ -1,7 +1,7 @@
-"""editor_mlp's triton backend against the PyTorch reference and a float64 oracle.
+"""editor_mlp's compiled backends (triton, cpu, cuda) against the PyTorch reference and a float64 oracle.
 
-On a GPU machine the kernels run on CUDA tensors; without one, in Triton's interpreter on CPU
-(tests/conftest.py sets TRITON_INTERPRET=1 there).
+On a GPU machine the tests run on CUDA tensors (triton, cuda); without one on CPU tensors (cpu, and
+triton in its interpreter: tests/conftest.py sets TRITON_INTERPRET=1 there).
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import mend_kernels as mk
 from mend_kernels.editor import ShapeGroupEditor
 from mend_kernels.errors import BackendUnavailableError, InvalidInputError
 from mend_kernels.ops import EDITOR_MLP, backend_status
+from mend_kernels.ops._dispatch import _runs_on
 from mend_kernels.ops.editor_mlp import _editor_mlp_reference
 
-pytestmark = pytest.mark.skipif(not backend_status("triton").available, reason=backend_status("triton").reason)
-
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+COMPILED = [b for b in EDITOR_MLP.backends if b != "reference" and backend_status(b).available and _runs_on(b, DEVICE)]
+pytestmark = pytest.mark.skipif(not COMPILED, reason="no compiled editor_mlp backend runs here")
+by_backend = pytest.mark.parametrize("backend", COMPILED)
 
 PARAMS = ("down_proj", "up_proj", "bias", "scale", "shift")
 EPS = 1e-7
@@ -57,10 +59,11 @@ CASES = list(itertools.product((1, 2), (1, 5, 37), (3, 20, 40), (1, 7, 16)))
 
 
 @pytest.mark.parametrize("n_layers, n, dim, rank", CASES)
-def test_forward_and_parameter_gradients_match_reference(n_layers, n, dim, rank):
+@by_backend
+def test_forward_and_parameter_gradients_match_reference(backend, n_layers, n, dim, rank):
     rows, mean, std, params = make_inputs(n, dim, rank, n_layers, seed=n * 1000 + dim * 10 + rank)
     grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    out, grads = run("triton", rows, mean, std, params, grad)
+    out, grads = run(backend, rows, mean, std, params, grad)
     ref_out, ref_grads = run("reference", rows, mean, std, params, grad)
     oracle_out, oracle_grads = run("reference", rows, mean, std, params, grad, dtype=torch.float64)
     assert out.dtype == torch.float32 and out.shape == (n, dim)
@@ -73,7 +76,8 @@ def test_forward_and_parameter_gradients_match_reference(n_layers, n, dim, rank)
 
 
 @pytest.mark.parametrize("n_layers", (1, 2))
-def test_identity_init_zero_pre_activations_pass_the_gradient(n_layers):
+@by_backend
+def test_identity_init_zero_pre_activations_pass_the_gradient(backend, n_layers):
     # up_proj = 0, bias = 0, shift = 0: every pre-activation is exactly 0 and clamp(min=0) passes the
     # gradient there (torch.clamp's convention), unlike relu.
     n, dim, rank = 5, 20, 7
@@ -81,7 +85,7 @@ def test_identity_init_zero_pre_activations_pass_the_gradient(n_layers):
     params = (down, torch.zeros(n_layers, dim, rank), torch.zeros(n_layers, dim), torch.ones(n_layers, dim),
               torch.zeros(n_layers, dim))
     grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    out, grads = run("triton", rows, mean, std, params, grad)
+    out, grads = run(backend, rows, mean, std, params, grad)
     ref_out, ref_grads = run("reference", rows, mean, std, params, grad)
     torch.testing.assert_close(out, (rows - mean) / (std + EPS), rtol=0, atol=0)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
@@ -92,7 +96,8 @@ def test_identity_init_zero_pre_activations_pass_the_gradient(n_layers):
     assert grads[1].abs().sum() > 0
 
 
-def test_mixed_exact_zero_negative_and_positive_pre_activations():
+@by_backend
+def test_mixed_exact_zero_negative_and_positive_pre_activations(backend):
     # up_proj = 0 so a = bias; shift picks h = a*scale + shift exactly 0, negative or positive per column.
     n, dim, rank, n_layers = 5, 21, 4, 2
     rows, mean, std, (down, _, bias, _, _) = make_inputs(n, dim, rank, n_layers)
@@ -101,7 +106,7 @@ def test_mixed_exact_zero_negative_and_positive_pre_activations():
     shift = -bias + offset
     params = (down, torch.zeros(n_layers, dim, rank), bias, scale, shift)
     grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    out, grads = run("triton", rows, mean, std, params, grad)
+    out, grads = run(backend, rows, mean, std, params, grad)
     ref_out, ref_grads = run("reference", rows, mean, std, params, grad)
     assert_close(out, ref_out, 1e-6)
     for got, ref in zip(grads, ref_grads):
@@ -110,7 +115,8 @@ def test_mixed_exact_zero_negative_and_positive_pre_activations():
     assert passed[:, 0].all() and not passed[:, 1].any() and passed[:, 2].all()
 
 
-def test_input_gradients_and_strided_views():
+@by_backend
+def test_input_gradients_and_strided_views(backend):
     # Editor-style call: scale/shift are (L, n_modes, D)[:, mode] views; rows non-contiguous; gradients
     # w.r.t. rows, mean and std too (the contract is differentiable in all inputs).
     n, dim, rank, n_layers = 6, 18, 5, 2
@@ -120,13 +126,13 @@ def test_input_gradients_and_strided_views():
     rows_t = rows.t().contiguous().t()
     grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     results = {}
-    for backend in ("triton", "reference"):
+    for name in (backend, "reference"):
         leaves = [t.clone().requires_grad_() for t in (rows_t, mean, std, down, up, bias, mode_scale, mode_shift)]
         r, m, s, d, u, b, ms, mo = leaves
-        out = mk.ops.editor_mlp(r, m, s, d, u, b, ms[:, 1], mo[:, 1], EPS, backend=backend)
+        out = mk.ops.editor_mlp(r, m, s, d, u, b, ms[:, 1], mo[:, 1], EPS, backend=name)
         out.backward(grad)
-        results[backend] = (out.detach(), [leaf.grad for leaf in leaves])
-    out, grads = results["triton"]
+        results[name] = (out.detach(), [leaf.grad for leaf in leaves])
+    out, grads = results[backend]
     ref_out, ref_grads = results["reference"]
     assert_close(out, ref_out, 1e-5)
     for got, ref in zip(grads, ref_grads):
@@ -134,50 +140,54 @@ def test_input_gradients_and_strided_views():
     assert grads[6][:, 0].abs().sum() == 0 and grads[6][:, 1].abs().sum() > 0
 
 
-def test_frozen_parameters_and_empty_rows():
+@by_backend
+def test_frozen_parameters_and_empty_rows(backend):
     rows, mean, std, params = make_inputs(4, 10, 3, 2)
     # Only some inputs need a gradient.
     up = params[1].clone().requires_grad_()
-    out = mk.ops.editor_mlp(rows, mean, std, params[0], up, *params[2:], EPS, backend="triton")
+    out = mk.ops.editor_mlp(rows, mean, std, params[0], up, *params[2:], EPS, backend=backend)
     out.sum().backward()
     ref_up = params[1].clone().requires_grad_()
     _editor_mlp_reference(rows, mean, std, params[0], ref_up, *params[2:], EPS).sum().backward()
     assert_close(up.grad, ref_up.grad, 1e-5)
     # No rows: an empty output and zero gradients.
     leaves = [p.clone().requires_grad_() for p in params]
-    out = mk.ops.editor_mlp(rows[:0], mean, std, *leaves, EPS, backend="triton")
+    out = mk.ops.editor_mlp(rows[:0], mean, std, *leaves, EPS, backend=backend)
     assert out.shape == (0, 10)
     out.sum().backward()
     assert all(leaf.grad is not None and leaf.grad.abs().sum() == 0 for leaf in leaves)
 
 
-def test_custom_ops_pass_opcheck():
+@by_backend
+def test_custom_ops_pass_opcheck(backend):
     n, dim, rank, n_layers = 5, 20, 7, 2
     rows, mean, std, params = make_inputs(n, dim, rank, n_layers)
     leaves = [p.clone().requires_grad_() for p in params]
-    torch.library.opcheck(torch.ops.mend.editor_mlp, (rows, mean, std, *leaves, EPS))
-    torch.library.opcheck(torch.ops.mend.editor_mlp, (rows.requires_grad_(), mean, std, *leaves, EPS))
+    torch.library.opcheck(torch.ops.mend.editor_mlp, (rows, mean, std, *leaves, EPS, backend))
+    torch.library.opcheck(torch.ops.mend.editor_mlp, (rows.requires_grad_(), mean, std, *leaves, EPS, backend))
     with torch.no_grad():
-        _, inner, ts, pres = torch.ops.mend.editor_mlp(rows, mean, std, *params, EPS)
+        _, inner, ts, pres = torch.ops.mend.editor_mlp(rows, mean, std, *params, EPS, backend)
     grad = torch.randn(n, dim, device=DEVICE)
     down, up, _, scale, shift = params
     for compute_dz0 in (True, False):
-        args = (grad, rows.detach(), mean, std, down, up, scale, shift, EPS, inner, ts, pres, compute_dz0)
+        args = (grad, rows.detach(), mean, std, down, up, scale, shift, EPS, inner, ts, pres, compute_dz0, backend)
         torch.library.opcheck(torch.ops.mend.editor_mlp_backward, args)
 
 
 def test_custom_op_rejects_bad_arguments():
     rows, mean, std, params = make_inputs(3, 8, 2, 1)
     with pytest.raises(InvalidInputError, match="up_proj"):
-        torch.ops.mend.editor_mlp(rows, mean, std, params[0], params[1][:, :, :1], *params[2:], EPS)
+        torch.ops.mend.editor_mlp(rows, mean, std, params[0], params[1][:, :, :1], *params[2:], EPS, "cpu")
     with pytest.raises(InvalidInputError, match="rows"):
-        torch.ops.mend.editor_mlp(rows.double(), mean, std, *params, EPS)
+        torch.ops.mend.editor_mlp(rows.double(), mean, std, *params, EPS, "cpu")
+    with pytest.raises(InvalidInputError, match="backends"):
+        torch.ops.mend.editor_mlp(rows, mean, std, *params, EPS, "reference")
 
 
 def test_backend_selection(monkeypatch):
-    assert "triton" in EDITOR_MLP.backends
+    assert EDITOR_MLP.backends == ("triton", "cuda", "cpu", "reference")
     monkeypatch.delenv(mk.ops.ENV_VAR, raising=False)
-    default = "triton" if DEVICE.type == "cuda" else "reference"  # the interpreter is never a default
+    default = "triton" if DEVICE.type == "cuda" else "cpu"  # the interpreter is never a default
     assert EDITOR_MLP.select(DEVICE)[0] == default
     assert EDITOR_MLP.select(DEVICE, "triton")[0] == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -185,8 +195,9 @@ def test_backend_selection(monkeypatch):
         EDITOR_MLP.select(torch.device("cpu"), "triton")
 
 
-def test_editor_forward_through_the_environment_backend(monkeypatch):
-    # ShapeGroupEditor.forward calls ops.editor_mlp unchanged; MEND_KERNELS_BACKEND=triton routes it here.
+@by_backend
+def test_editor_forward_through_the_environment_backend(backend, monkeypatch):
+    # ShapeGroupEditor.forward calls ops.editor_mlp unchanged; MEND_KERNELS_BACKEND routes it to a backend.
     torch.manual_seed(0)
     editor = ShapeGroupEditor(n_in=6, n_out=5, n_modes=2, rank=4, n_layers=2).to(DEVICE)
     with torch.no_grad():
@@ -196,12 +207,12 @@ def test_editor_forward_through_the_environment_backend(monkeypatch):
     editor.eval()
     editor.update_statistics(rows)
     results = {}
-    for backend in ("triton", "reference"):
-        monkeypatch.setenv(mk.ops.ENV_VAR, backend)
+    for name in (backend, "reference"):
+        monkeypatch.setenv(mk.ops.ENV_VAR, name)
         editor.zero_grad()
         out = editor(rows, mode=1, eps=EPS)
         out.square().sum().backward()
-        results[backend] = (out.detach(), [p.grad.clone() for p in editor.parameters()])
-    assert_close(results["triton"][0], results["reference"][0], 1e-5)
-    for got, ref in zip(results["triton"][1], results["reference"][1]):
+        results[name] = (out.detach(), [p.grad.clone() for p in editor.parameters()])
+    assert_close(results[backend][0], results["reference"][0], 1e-5)
+    for got, ref in zip(results[backend][1], results["reference"][1]):
         assert_close(got, ref, 1e-5)

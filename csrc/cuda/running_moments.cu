@@ -11,33 +11,19 @@
 
 #include <cstdint>
 
+#include "column_sum.cuh"
 #include "mend/kernels.h"
 
 namespace {
 
-constexpr int kCols = 32;
-constexpr int kRows = 16;
-
-// Sum of v over threadIdx.y for each threadIdx.x; the result is valid in every thread.
-__device__ __forceinline__ float column_sum(float (*red)[kCols + 1], float v) {
-  const int tx = static_cast<int>(threadIdx.x);
-  const int ty = static_cast<int>(threadIdx.y);
-  red[ty][tx] = v;
-  __syncthreads();
-#pragma unroll
-  for (int offset = kRows / 2; offset > 0; offset >>= 1) {
-    if (ty < offset) red[ty][tx] += red[ty + offset][tx];
-    __syncthreads();
-  }
-  const float total = red[0][tx];
-  __syncthreads();  // red may be reused right after
-  return total;
-}
+using mend_cuda::column_sum;
+constexpr int kCols = mend_cuda::kColumnSumCols;
+constexpr int kRows = mend_cuda::kColumnSumRows;
 
 __global__ void __launch_bounds__(kCols* kRows)
     running_moments_kernel(float* __restrict__ mean, float* __restrict__ m2, const int64_t* __restrict__ count,
                            const float* __restrict__ x, int64_t n, int64_t d, int64_t ldx) {
-  __shared__ float red[kRows][kCols + 1];
+  __shared__ mend_cuda::ColumnSumScratch red;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
   const bool valid = col < d;
 

@@ -12,8 +12,17 @@ Contract, for rows x = concat(u, delta) (n, D) of one edited weight and L stacke
 clamp(min=0) rather than relu: its gradient at exactly 0 is 1, as in the reference code, which
 matters at the identity initialisation where every pre-activation is 0. Differentiable in all inputs.
 
-Triton backend (``torch.ops.mend.editor_mlp`` + ``torch.ops.mend.editor_mlp_backward``), fp32
-throughout (IEEE tl.dot, no TF32). Per layer j the forward runs two tile launches:
+The compiled backends share two custom ops, ``torch.ops.mend.editor_mlp`` (forward) and
+``torch.ops.mend.editor_mlp_backward``, with a ``backend`` argument; fp32 throughout (no TF32).
+
+``cpu`` / ``cuda``: the two GEMMs per layer (and the four of the backward) go to the vendor BLAS
+torch links (MKL, cuBLAS; tuned for every shape and transposition of these operands); everything between
+them is one native pass (csrc/cpu/editor_mlp.cpp, csrc/cuda/editor_mlp.cu): the normalisation, the
+epilogue ``z + clamp(a*S + O, min=0)``, and in the backward the masked gradient with the three column
+sums, where eager PyTorch makes 4-6 passes over (n, D) with as many temporaries. z_0 is normalised
+again in the backward instead of being kept.
+
+``triton``: fully fused, IEEE tl.dot. Per layer j the forward runs two tile launches:
 
     t_j     = z_j V_j^T                  (n, r)   layer 0: normalisation fused into the load of rows
     z_{j+1} = z_j + clamp(a_j*S_j+O_j)   (n, D)   a_j = t_j U_j^T + b_j; bias, scale/shift, clamp and
@@ -37,11 +46,14 @@ from dz_0 with a few PyTorch element-wise ops, only when requested.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
+from .. import _native
 from .._checks import check_tensor
+from ..errors import InvalidInputError
 from ._dispatch import Op
 from .lowrank_linear import _block
 
@@ -80,12 +92,22 @@ def _editor_mlp_reference(rows, mean, std, down_proj, up_proj, bias, scale, shif
 
 
 # --------------------------------------------------------------------------------------------------
-# triton: custom ops (forward and backward) over Triton kernels
+# compiled backends: custom ops (forward and backward) over Triton or native kernels
 
 
-@EDITOR_MLP.register("triton")
-def _editor_mlp_triton(rows, mean, std, down_proj, up_proj, bias, scale, shift, eps):
-    return torch.ops.mend.editor_mlp(rows, mean, std, down_proj, up_proj, bias, scale, shift, float(eps))[0]
+def _register_compiled(backend: str) -> None:
+    @EDITOR_MLP.register(backend)
+    def _editor_mlp_compiled(rows, mean, std, down_proj, up_proj, bias, scale, shift, eps):
+        return torch.ops.mend.editor_mlp(rows, mean, std, down_proj, up_proj, bias, scale, shift, float(eps), backend)[0]
+
+
+for _backend in ("triton", "cuda", "cpu"):
+    _register_compiled(_backend)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in _FORWARD:
+        raise InvalidInputError(f"torch.ops.mend.editor_mlp implements backends {tuple(_FORWARD)}, got {backend!r}")
 
 
 def _check_args(rows, mean, std, down_proj, up_proj, bias, scale, shift) -> tuple[int, int, int, int]:
@@ -115,19 +137,21 @@ def _editor_mlp_op(
     scale: torch.Tensor,
     shift: torch.Tensor,
     eps: float,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, inner z_1..z_{L-1}, t, pre-activations a): the last three are saved for the backward."""
     n, dim, n_layers, rank = _check_args(rows, mean, std, down_proj, up_proj, bias, scale, shift)
+    _check_backend(backend)
     out = rows.new_empty(n, dim)
     inner = rows.new_empty(max(n_layers - 1, 0), n, dim)
     ts = rows.new_empty(n_layers, n, rank)
     pres = rows.new_empty(n_layers, n, dim)
-    _triton_forward(out, inner, ts, pres, rows, mean, std, down_proj, up_proj, bias, scale, shift, eps)
+    _FORWARD[backend](out, inner, ts, pres, rows, mean, std, down_proj, up_proj, bias, scale, shift, eps)
     return out, inner, ts, pres
 
 
 @_editor_mlp_op.register_fake
-def _editor_mlp_fake(rows, mean, std, down_proj, up_proj, bias, scale, shift, eps):
+def _editor_mlp_fake(rows, mean, std, down_proj, up_proj, bias, scale, shift, eps, backend):
     n, dim = rows.shape
     n_layers, rank = down_proj.shape[:2]
     return (
@@ -153,12 +177,14 @@ def _editor_mlp_backward_op(
     ts: torch.Tensor,
     pres: torch.Tensor,
     compute_dz0: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dz_0, d down_proj, d up_proj, d bias, d scale, d shift); dz_0 is empty (0,) unless ``compute_dz0``.
 
     dz_0 is the gradient w.r.t. the normalised input z_0 (not rows)."""
     # (bias is not needed by the backward: scale stands in for its shape check)
     n, dim, n_layers, rank = _check_args(rows, mean, std, down_proj, up_proj, scale, scale, shift)
+    _check_backend(backend)
     check_tensor("grad", grad, dtypes=(torch.float32,), device=rows.device, shape=(n, dim))
     check_tensor("inner", inner, shape=(max(n_layers - 1, 0), n, dim))
     check_tensor("ts", ts, shape=(n_layers, n, rank))
@@ -166,7 +192,7 @@ def _editor_mlp_backward_op(
     dz0 = rows.new_empty(n, dim) if compute_dz0 else rows.new_empty(0)
     ddown, dup = torch.empty_like(down_proj), torch.empty_like(up_proj)
     dbias, dscale, dshift = (rows.new_empty(n_layers, dim) for _ in range(3))
-    _triton_backward(
+    _BACKWARD[backend](
         dz0 if compute_dz0 else None, ddown, dup, dbias, dscale, dshift,
         grad, rows, mean, std, down_proj, up_proj, scale, shift, eps, inner, ts, pres,
     )
@@ -175,7 +201,7 @@ def _editor_mlp_backward_op(
 
 @_editor_mlp_backward_op.register_fake
 def _editor_mlp_backward_fake(grad, rows, mean, std, down_proj, up_proj, scale, shift, eps, inner, ts, pres,
-                              compute_dz0):
+                              compute_dz0, backend):
     n, dim = rows.shape
     n_layers = down_proj.shape[0]
     dz0 = rows.new_empty(n, dim) if compute_dz0 else rows.new_empty(0)
@@ -184,11 +210,11 @@ def _editor_mlp_backward_fake(grad, rows, mean, std, down_proj, up_proj, scale, 
 
 
 def _setup_context(ctx, inputs, output):
-    rows, mean, std, down_proj, up_proj, bias, scale, shift, eps = inputs
+    rows, mean, std, down_proj, up_proj, bias, scale, shift, eps, backend = inputs
     _, inner, ts, pres = output
     ctx.mark_non_differentiable(inner, ts, pres)
     ctx.save_for_backward(rows, mean, std, down_proj, up_proj, scale, shift, inner, ts, pres)
-    ctx.eps = eps
+    ctx.eps, ctx.backend = eps, backend
 
 
 def _backward(ctx, grad, *unused):
@@ -198,7 +224,8 @@ def _backward(ctx, grad, *unused):
     if grad is None:
         grad = torch.zeros_like(rows)
     dz0, ddown, dup, dbias, dscale, dshift = torch.ops.mend.editor_mlp_backward(
-        grad.contiguous(), rows, mean, std, down_proj, up_proj, scale, shift, ctx.eps, inner, ts, pres, compute_dz0
+        grad.contiguous(), rows, mean, std, down_proj, up_proj, scale, shift, ctx.eps, inner, ts, pres, compute_dz0,
+        ctx.backend,
     )
     drows = dmean = dstd = None
     if compute_dz0:
@@ -206,7 +233,7 @@ def _backward(ctx, grad, *unused):
         drows = dz0 / denom
         dmean = -drows.sum(0) if need_mean else None
         dstd = -(drows * ((rows - mean) / denom)).sum(0) if need_std else None
-    return drows if need_rows else None, dmean, dstd, ddown, dup, dbias, dscale, dshift, None
+    return drows if need_rows else None, dmean, dstd, ddown, dup, dbias, dscale, dshift, None, None
 
 
 _editor_mlp_op.register_autograd(_backward, setup_context=_setup_context)
@@ -379,3 +406,92 @@ def _triton_backward(dz0, ddown, dup, dbias, dscale, dshift,
             g_next = dz0 if j == 0 else rows.new_empty(n, dim)
             _mm(g_next, dt, down_proj[j], residual=g)  # dz_j = g + dt V_j
             g = g_next
+
+
+# --------------------------------------------------------------------------------------------------
+# cpu / cuda: vendor GEMMs through torch, element-wise passes in csrc/{cpu,cuda}/editor_mlp.*
+
+
+class _NativeKernels:
+    """The editor's element-wise kernels of one compiled module, called on tensors.
+
+    Every (n, D) tensor passed is contiguous (the op allocates them so); ``rows`` needs unit column
+    stride only, and 1-D parameters are contiguous rows of the (L, D) parameters."""
+
+    def __init__(self, device: torch.device):
+        if device.type == "cuda":
+            self._module = _native.load(_native.CUDA_MODULE)
+            self._stream = (torch.cuda.current_stream(device).cuda_stream,)  # launch on the caller's stream
+        else:
+            self._module = _native.load(_native.CPU_MODULE)
+            self._stream = ()
+
+    def normalize(self, z, rows, mean, std, eps) -> None:
+        n, dim = rows.shape
+        ldr = rows.stride(0) if n > 1 else dim
+        self._module.editor_normalize(z.data_ptr(), rows.data_ptr(), ldr, mean.data_ptr(), std.data_ptr(),
+                                      float(eps), n, dim, *self._stream)
+
+    def layer_forward(self, out, pre, res, scale, shift) -> None:
+        self._module.editor_layer_forward(out.data_ptr(), pre.data_ptr(), res.data_ptr(), scale.data_ptr(),
+                                          shift.data_ptr(), *out.shape, *self._stream)
+
+    def layer_backward(self, ga, g, pre, scale, shift, dbias, dscale, dshift) -> None:
+        self._module.editor_layer_backward(ga.data_ptr(), g.data_ptr(), pre.data_ptr(), scale.data_ptr(),
+                                           shift.data_ptr(), dbias.data_ptr(), dscale.data_ptr(),
+                                           dshift.data_ptr(), *ga.shape, *self._stream)
+
+
+def _unit_column_stride(rows: torch.Tensor) -> torch.Tensor:
+    return rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
+
+
+def _normalized(kernels: _NativeKernels, rows, mean, std, eps) -> torch.Tensor:
+    z = rows.new_empty(rows.shape)
+    kernels.normalize(z, _unit_column_stride(rows), mean.contiguous(), std.contiguous(), eps)
+    return z
+
+
+def _native_forward(out, inner, ts, pres, rows, mean, std, down_proj, up_proj, bias, scale, shift, eps) -> None:
+    if rows.shape[0] == 0:
+        return
+    with torch.cuda.device(rows.device) if rows.is_cuda else contextlib.nullcontext():
+        kernels = _NativeKernels(rows.device)
+        scale, shift = scale.contiguous(), shift.contiguous()
+        z = _normalized(kernels, rows, mean, std, eps)  # z_0, also the first residual
+        n_layers = down_proj.shape[0]
+        for j in range(n_layers):
+            torch.mm(z, down_proj[j].t(), out=ts[j])  # t_j = z_j V_j^T
+            torch.addmm(bias[j], ts[j], up_proj[j].t(), out=pres[j])  # a_j = t_j U_j^T + b_j
+            z_next = out if j == n_layers - 1 else inner[j]
+            kernels.layer_forward(z_next, pres[j], z, scale[j], shift[j])
+            z = z_next
+
+
+def _native_backward(dz0, ddown, dup, dbias, dscale, dshift,
+                     grad, rows, mean, std, down_proj, up_proj, scale, shift, eps, inner, ts, pres) -> None:
+    n, dim = rows.shape
+    if n == 0:
+        for t in (ddown, dup, dbias, dscale, dshift):
+            t.zero_()
+        return
+    with torch.cuda.device(rows.device) if rows.is_cuda else contextlib.nullcontext():
+        kernels = _NativeKernels(rows.device)
+        scale, shift = scale.contiguous(), shift.contiguous()
+        g = grad
+        ga = rows.new_empty(n, dim)
+        dt = rows.new_empty(n, down_proj.shape[1])
+        for j in reversed(range(down_proj.shape[0])):
+            kernels.layer_backward(ga, g, pres[j], scale[j], shift[j], dbias[j], dscale[j], dshift[j])
+            torch.mm(ga.t(), ts[j], out=dup[j])  # dU_j = ga^T t_j
+            torch.mm(ga, up_proj[j], out=dt)  # dt = ga U_j
+            z = _normalized(kernels, rows, mean, std, eps) if j == 0 else inner[j - 1]
+            torch.mm(dt.t(), z, out=ddown[j])  # dV_j = dt^T z_j
+            if j > 0 or dz0 is not None:
+                g_next = dz0 if j == 0 else rows.new_empty(n, dim)
+                torch.addmm(g, dt, down_proj[j], out=g_next)  # dz_j = g + dt V_j
+                g = g_next
+
+
+_FORWARD = {"triton": _triton_forward, "cuda": _native_forward, "cpu": _native_forward}
+_BACKWARD = {"triton": _triton_backward, "cuda": _native_backward, "cpu": _native_backward}

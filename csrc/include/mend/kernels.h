@@ -97,6 +97,31 @@ typedef struct mend_cpu_build_facts {
 /* Fills *out with the facts above. */
 void mend_cpu_get_build_facts(mend_cpu_build_facts* out);
 
+/*
+ * The element-wise passes of the editor network (mend_kernels.ops.editor_mlp), around the two
+ * GEMMs per layer that the caller runs through a vendor BLAS. All float32; every (n, d) array
+ * except `rows` is contiguous (row stride d); outputs must not overlap inputs.
+ *
+ * mend_cpu_editor_normalize:      z[r, j] = (rows[r, j] - mean[j]) / (std[j] + eps)   (rows: stride ldr >= d)
+ * mend_cpu_editor_layer_forward:  out[r, j] = res[r, j] + max(pre[r, j] * scale[j] + shift[j], 0)
+ *                                 (NaN propagates, as torch.clamp(min=0))
+ * mend_cpu_editor_layer_backward: gh = g[r, j] if pre[r, j] * scale[j] + shift[j] >= 0 else 0
+ *                                 (clamp's gradient: 1 at exactly 0, as the reference code's);
+ *                                 ga[r, j] = gh * scale[j];  dshift[j] = sum_r gh;
+ *                                 dscale[j] = sum_r gh * pre[r, j];  dbias[j] = sum_r ga[r, j]
+ *                                 (float32 sums in row order: deterministic for any thread count)
+ * `pre * scale + shift` is computed by the same code in the forward and the backward, so the
+ * backward's mask is the forward's decision. Require n, d >= 1 and non-null pointers.
+ * Return MEND_OK or MEND_ERR_INVALID_ARGUMENT (nothing written then).
+ */
+int mend_cpu_editor_normalize(float* z, const float* rows, int64_t ldr, const float* mean, const float* std_,
+                              float eps, int64_t n, int64_t d);
+int mend_cpu_editor_layer_forward(float* out, const float* pre, const float* res, const float* scale,
+                                  const float* shift, int64_t n, int64_t d);
+int mend_cpu_editor_layer_backward(float* ga, const float* g, const float* pre, const float* scale,
+                                   const float* shift, float* dbias, float* dscale, float* dshift, int64_t n,
+                                   int64_t d);
+
 /* ------------------------------------------------------------------------------------------------
  * CUDA kernels (csrc/cuda). Asynchronous: enqueued on `stream` (a cudaStream_t passed as an
  * integer; 0 is the legacy default stream) on the current device, no host synchronisation. All
@@ -121,6 +146,18 @@ int mend_cuda_rank_update(void* w, int dtype, int64_t M, int64_t N, int64_t ldw,
  */
 int mend_cuda_running_moments(float* mean, float* m2, const int64_t* count, const float* x,
                               int64_t n, int64_t d, int64_t ldx, uintptr_t stream);
+
+/*
+ * Same semantics as the mend_cpu_editor_* kernels (including the deterministic column sums: one
+ * thread block owns a strip of columns and reduces over rows in a fixed order).
+ */
+int mend_cuda_editor_normalize(float* z, const float* rows, int64_t ldr, const float* mean, const float* std_,
+                               float eps, int64_t n, int64_t d, uintptr_t stream);
+int mend_cuda_editor_layer_forward(float* out, const float* pre, const float* res, const float* scale,
+                                   const float* shift, int64_t n, int64_t d, uintptr_t stream);
+int mend_cuda_editor_layer_backward(float* ga, const float* g, const float* pre, const float* scale,
+                                    const float* shift, float* dbias, float* dscale, float* dshift, int64_t n,
+                                    int64_t d, uintptr_t stream);
 
 /* cudaGetErrorString(status) for a status returned above. Returns a static string. */
 const char* mend_cuda_error_string(int status);
