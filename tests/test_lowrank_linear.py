@@ -135,16 +135,16 @@ def test_reference_gradcheck_float32():
     assert torch.autograd.gradcheck(fn, (x, u, delta, scale), eps=1e-2, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("layout", ["linear", "conv1d"])
-def test_triton_custom_ops_pass_opcheck(layout):
+def test_custom_ops_pass_opcheck(backend, layout):
     x, weight, b, u, delta, scale = make_inputs((2, 3), 7, 5, 3, layout, True)
     x.requires_grad_(), u.requires_grad_(), delta.requires_grad_(), scale.requires_grad_()
-    torch.library.opcheck(torch.ops.mend.lowrank_linear, (x, weight, b, u, delta, scale, layout, "triton"))
-    torch.library.opcheck(torch.ops.mend.lowrank_linear, (x, weight, None, u, delta, scale, layout, "triton"))
+    torch.library.opcheck(torch.ops.mend.lowrank_linear, (x, weight, b, u, delta, scale, layout, backend))
+    torch.library.opcheck(torch.ops.mend.lowrank_linear, (x, weight, None, u, delta, scale, layout, backend))
     grad = torch.randn(2, 3, 5)
     for compute_dx in (True, False):
-        args = (grad, x.detach(), weight, u.detach(), delta.detach(), scale.detach(), layout, "triton", compute_dx)
+        args = (grad, x.detach(), weight, u.detach(), delta.detach(), scale.detach(), layout, backend, compute_dx)
         torch.library.opcheck(torch.ops.mend.lowrank_linear_backward, args)
 
 

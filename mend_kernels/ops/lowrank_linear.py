@@ -14,6 +14,12 @@ they require them); gradients flow to x, U, D and scale:
     dscale = sum((t D) * dy) = sum(t * s)
 
 Products accumulate in float32; y and dx are rounded once to x's dtype.
+
+Backends: ``triton`` fuses the frozen GEMM, the side path, the bias and the rounding into one tile
+kernel per output. ``cpu`` / ``cuda`` run the frozen GEMM in x's dtype through the vendor BLAS
+(exactly as nn.Linear does, so y's frozen part is rounded as the reference's) and add the side path
+with the ``rank_update_`` kernel on the activation itself: ``y += (scale t) D`` accumulated in fp32
+and rounded once, in place, with no (rows, out) fp32 temporary; the same for ``dx``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 from .._checks import WEIGHT_DTYPES, check_tensor
 from ..errors import InvalidInputError
 from ._dispatch import Op
+from .rank_update import RANK_UPDATE
 
 LAYOUTS = ("linear", "conv1d")
 
@@ -53,7 +60,7 @@ def lowrank_linear(
         u: (k, in) float32 (MEND's u~).
         delta: (k, out) float32 (MEND's delta~).
         scale: 0-d float32 step size; it receives a gradient.
-        backend: ``"triton"`` or ``"reference"``; default: best available.
+        backend: ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``; default: best available.
 
     Returns:
         (..., out) in x's dtype.
@@ -112,17 +119,22 @@ def _lowrank_linear_reference(x, weight, bias, u, delta, scale, layout):
 
 
 # --------------------------------------------------------------------------------------------------
-# triton: custom ops (forward and backward) over Triton kernels
+# compiled backends: custom ops (forward and backward) over Triton or native kernels
 
 
-@LOWRANK_LINEAR.register("triton")
-def _lowrank_linear_triton(x, weight, bias, u, delta, scale, layout):
-    return torch.ops.mend.lowrank_linear(x, weight, bias, u, delta, scale, layout, "triton")
+def _register_compiled(backend: str) -> None:
+    @LOWRANK_LINEAR.register(backend)
+    def _lowrank_linear_compiled(x, weight, bias, u, delta, scale, layout):
+        return torch.ops.mend.lowrank_linear(x, weight, bias, u, delta, scale, layout, backend)
+
+
+for _backend in ("triton", "cuda", "cpu"):
+    _register_compiled(_backend)
 
 
 def _check_backend(backend: str) -> None:
-    if backend != "triton":
-        raise InvalidInputError(f"torch.ops.mend.lowrank_linear implements backend 'triton' only, got {backend!r}")
+    if backend not in _FORWARD:
+        raise InvalidInputError(f"torch.ops.mend.lowrank_linear implements backends {tuple(_FORWARD)}, got {backend!r}")
 
 
 @torch.library.custom_op("mend::lowrank_linear", mutates_args=())
@@ -141,7 +153,7 @@ def _lowrank_linear_op(
     _check_backend(backend)
     x2 = x.reshape(-1, n_in)
     y = torch.empty(x2.shape[0], n_out, dtype=x.dtype, device=x.device)
-    _triton_forward(y, x2, weight, bias, u, delta, scale, layout)
+    _FORWARD[backend](y, x2, weight, bias, u, delta, scale, layout)
     return y.reshape(*x.shape[:-1], n_out)
 
 
@@ -171,7 +183,7 @@ def _lowrank_linear_backward_op(
     dx = x2.new_empty(x2.shape) if compute_dx else x.new_empty(0)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dscale = torch.empty((), dtype=torch.float32, device=x.device)
-    _triton_backward(dx if compute_dx else None, du, ddelta, dscale, g2, x2, weight, u, delta, scale, layout)
+    _BACKWARD[backend](dx if compute_dx else None, du, ddelta, dscale, g2, x2, weight, u, delta, scale, layout)
     return (dx.reshape(x.shape) if compute_dx else dx), du, ddelta, dscale
 
 
@@ -338,3 +350,45 @@ def _triton_backward(dx, du, ddelta, dscale, g2, x2, weight, u, delta, scale, la
     _triton_kernels()[1][(1,)](
         dscale, t, s, rows, k, *t.stride(), *s.stride(), BLOCK_M=_block(rows, 64), BLOCK_K=_block(k, 32)
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# cpu / cuda: the frozen GEMM through the vendor BLAS, the side path through the rank_update_ kernel
+
+
+def _add_side_path_(out: torch.Tensor, t: torch.Tensor, factor: torch.Tensor, scale: torch.Tensor, backend: str) -> None:
+    """out += scale * t @ factor in place, accumulated in fp32 and rounded once to out's dtype."""
+    if out.shape[0] > 0:  # (scale is folded into t: a tensor, so no device-to-host sync for it)
+        RANK_UPDATE.impl(backend)(out, (t * scale).t(), factor, 1.0)
+
+
+def _frozen_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
+
+
+def _native(backend: str):
+    def forward(y, x2, weight, bias, u, delta, scale, layout) -> None:
+        w_t = weight.t() if layout == "linear" else weight  # (in, out) view, no copy
+        _frozen_mm(y, x2, w_t, bias)  # x's dtype, as nn.Linear
+        _add_side_path_(y, x2.float() @ u.t(), delta, scale, backend)
+
+    def backward(dx, du, ddelta, dscale, g2, x2, weight, u, delta, scale, layout) -> None:
+        xf, gf = x2.float(), g2.float()
+        t, s = xf @ u.t(), gf @ delta.t()
+        if dx is not None:
+            _frozen_mm(dx, g2, weight if layout == "linear" else weight.t(), None)  # dy W_lin
+            _add_side_path_(dx, s, u, scale, backend)  # + scale s U
+        torch.mm((scale * s).t(), xf, out=du)  # dU = scale s^T x
+        torch.mm((scale * t).t(), gf, out=ddelta)  # dD = scale t^T dy
+        dscale.copy_(torch.vdot(t.reshape(-1), s.reshape(-1)))
+
+    return forward, backward
+
+
+_FORWARD = {"triton": _triton_forward}
+_BACKWARD = {"triton": _triton_backward}
+for _backend in ("cuda", "cpu"):
+    _FORWARD[_backend], _BACKWARD[_backend] = _native(_backend)
