@@ -10,6 +10,8 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mend_kernels as mk
 from mend_kernels.editor import ShapeGroupEditor
@@ -73,6 +75,19 @@ def test_forward_and_parameter_gradients_match_reference(backend, n_layers, n, d
         assert got.shape == ref.shape, name
         assert_close(got, ref, 1e-5)
         assert_close(got, oracle, 1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(n_layers=st.integers(1, 3), n=st.integers(1, 40), dim=st.integers(1, 70), rank=st.integers(1, 20))
+def test_property_every_backend_matches_float64(n_layers, n, dim, rank):
+    rows, mean, std, params = make_inputs(n, dim, rank, n_layers, seed=n + dim + rank)
+    grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    oracle_out, oracle_grads = run("reference", rows, mean, std, params, grad, dtype=torch.float64)
+    for backend in COMPILED:
+        out, grads = run(backend, rows, mean, std, params, grad)
+        assert_close(out, oracle_out, 1e-5)
+        for got, oracle in zip(grads, oracle_grads):
+            assert_close(got, oracle, 1e-5)
 
 
 @pytest.mark.parametrize("n_layers", (1, 2))

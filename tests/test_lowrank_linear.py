@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mend_kernels as mk
 from mend_kernels.errors import InvalidInputError
@@ -89,6 +91,27 @@ def test_low_precision_forward(backend, dtype, layout):
         y = mk.ops.lowrank_linear(x, weight, b, u, delta, scale, layout=layout, backend=backend)
         assert y.dtype == dtype
         assert_close(y, dense_oracle(x, weight, b, u, delta, scale, layout), TOL[dtype], f"y {dtype}")
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 6), min_size=1, max_size=2), n_in=st.integers(1, 50), n_out=st.integers(1, 50),
+    k=st.integers(1, 20), layout=st.sampled_from(["linear", "conv1d"]), bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_property_every_backend_matches_float64(lead, n_in, n_out, k, layout, bias, dtype):
+    x, weight, b, u, delta, scale = make_inputs(tuple(lead), n_in, n_out, k, layout, bias, dtype)
+    want = dense_oracle(x, weight, b, u, delta, scale, layout)
+    for backend in BACKENDS:
+        leaves = [x.clone().requires_grad_(), u.clone().requires_grad_()]
+        y = mk.ops.lowrank_linear(leaves[0], weight, b, leaves[1], delta, scale, layout=layout, backend=backend)
+        assert y.dtype == dtype
+        assert_close(y, want, TOL[dtype], f"{backend} y")
+        dx, du = torch.autograd.grad(y.float().sum(), leaves)
+        xd, ud = x.double().requires_grad_(), u.double().requires_grad_()
+        want_dx, want_du = torch.autograd.grad(dense_oracle(xd, weight, b, ud, delta, scale, layout).sum(), (xd, ud))
+        assert_close(dx, want_dx, TOL[dtype], f"{backend} dx")
+        assert_close(du, want_du, 4 * TOL[dtype], f"{backend} du")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -128,6 +128,21 @@ def test_running_moments_matches_per_row_welford(backend, dim, sizes):
     torch.testing.assert_close(m2.double(), expected_m2, rtol=1e-4, atol=1e-4)
 
 
+@settings(max_examples=15, deadline=None)
+@given(dim=st.integers(1, 80), sizes=st.lists(st.integers(1, 60), min_size=1, max_size=4), offset=st.floats(-50, 50))
+def test_running_moments_property(dim, sizes, offset):
+    generator = torch.Generator().manual_seed(dim)
+    batches = [offset + torch.randn(n, dim, generator=generator) for n in sizes]
+    expected_mean, expected_m2, expected_count = welford(batches)
+    for backend in cpu_backends(RUNNING_MOMENTS):
+        mean, m2, count = torch.zeros(dim), torch.zeros(dim), torch.zeros((), dtype=torch.int64)
+        for batch in batches:
+            mk.ops.running_moments_(mean, m2, count, batch, backend=backend)
+        assert int(count) == expected_count
+        torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-5, atol=1e-5 * (1 + abs(offset)))
+        torch.testing.assert_close(m2.double(), expected_m2, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("backend", cpu_backends(RUNNING_MOMENTS))
 def test_running_moments_first_batch_is_exact_and_rows_may_be_strided(backend):
     rows = torch.randn(9, 12)[:, ::2]  # column stride 2
@@ -172,8 +187,10 @@ def test_backend_selection_explicit_environment_and_errors(monkeypatch):
     monkeypatch.delenv(mk.ops.ENV_VAR)
     with pytest.raises(mk.BackendUnavailableError, match="cuda"):
         RANK_UPDATE.select(cpu, "cuda")
+    reference_only = mk.ops.Op("reference_only")
+    reference_only.register("reference")(lambda: None)
     with pytest.raises(mk.BackendUnavailableError, match="no 'cpu' implementation"):
-        mk.ops.EDITOR_MLP.select(cpu, "cpu")
+        reference_only.select(cpu, "cpu")
 
 
 @pytest.mark.parametrize(
@@ -223,12 +240,15 @@ def test_direct_op_calls_are_checked_before_any_kernel_runs(backend):
 
 
 def test_environment_backend_applies_only_to_ops_that_implement_it(monkeypatch):
+    reference_only = mk.ops.Op("reference_only")
+    reference_only.register("reference")(lambda: None)
     monkeypatch.setenv(mk.ops.ENV_VAR, "reference")
     assert mk.ops.EDITOR_MLP.select(torch.device("cpu"))[0] == "reference"
     monkeypatch.setenv(mk.ops.ENV_VAR, "cpu")
-    assert mk.ops.EDITOR_MLP.select(torch.device("cpu"))[0] == "reference"  # no cpu editor_mlp yet
+    assert reference_only.select(torch.device("cpu"))[0] == "reference"
     if backend_status("cpu").available:
         assert RANK_UPDATE.select(torch.device("cpu"))[0] == "cpu"
+        assert mk.ops.EDITOR_MLP.select(torch.device("cpu"))[0] == "cpu"
 
 
 @pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if backend_status(b).available])
