@@ -174,6 +174,23 @@ def test_frozen_parameters_and_empty_rows(backend):
 
 
 @by_backend
+def test_statistics_updated_before_the_backward(backend):
+    # Meta-training with several edits normalises edit 1, updates the running statistics with edit 2's
+    # rows, then runs one backward: the gradient must use the statistics the forward saw.
+    rows, mean, std, params = make_inputs(4, 10, 3, 2)
+    grads = {}
+    for name in (backend, "reference"):
+        leaves = [p.clone().requires_grad_() for p in params]
+        mean_buffer, std_buffer = mean.clone(), std.clone()
+        out = mk.ops.editor_mlp(rows, mean_buffer, std_buffer, *leaves, EPS, backend=name)
+        mean_buffer.add_(1.0), std_buffer.mul_(2.0)
+        out.sum().backward()
+        grads[name] = [leaf.grad for leaf in leaves]
+    for got, ref in zip(grads[backend], grads["reference"]):
+        assert_close(got, ref, 1e-5)
+
+
+@by_backend
 def test_custom_ops_pass_opcheck(backend):
     n, dim, rank, n_layers = 5, 20, 7, 2
     rows, mean, std, params = make_inputs(n, dim, rank, n_layers)

@@ -213,7 +213,9 @@ def _setup_context(ctx, inputs, output):
     rows, mean, std, down_proj, up_proj, bias, scale, shift, eps, backend = inputs
     _, inner, ts, pres = output
     ctx.mark_non_differentiable(inner, ts, pres)
-    ctx.save_for_backward(rows, mean, std, down_proj, up_proj, scale, shift, inner, ts, pres)
+    # mean and std are the editor's running statistics, updated in place between edits (possibly
+    # before this backward runs): keep the forward's values, (D,) each, instead of the buffers.
+    ctx.save_for_backward(rows, mean.clone(), std.clone(), down_proj, up_proj, scale, shift, inner, ts, pres)
     ctx.eps, ctx.backend = eps, backend
 
 
