@@ -5,26 +5,48 @@ For an edited layer y = x W^T, dL/dW = sum_i delta_i u_i^T, so MEND never needs 
 
 - every base parameter is frozen for the duration, so no weight gradient is formed anywhere and no
   ``.grad`` is written;
-- the output of the lowest edited layer becomes the leaf of the autograd graph, so layers below it
-  build no graph in the forward and see no backward;
+- each edited layer runs :func:`mend_kernels.ops.capture_linear`, whose backward writes delta as
+  float32 rows straight into a buffer of the call and computes only the input gradient;
+- the lowest edited layer's input needs no gradient, so layers below it build no graph in the
+  forward and see no backward; its call passes the op's ``anchor`` so that backward still reaches it;
 - the gradient still flows through the edited layers above, as it must for their deltas.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
+from . import ops
 from .errors import InvalidInputError, TargetError
 from .losses import token_nll
 from .requests import EditBatch
 from .targets import EditTarget, module_and_layout
 
 
+@dataclass
+class _Call:
+    """One call of an edited layer: its input u, the buffer its backward fills with delta, and
+    whether the backward reached it (the buffer holds nothing before)."""
+
+    u: torch.Tensor
+    delta: torch.Tensor
+    reached: bool = False
+
+    def mark_reached(self, grad_outputs) -> None:
+        self.reached = True
+
+
 class RowCapture:
     """Context manager recording (u, delta) rows of ``targets`` during a forward and backward.
+
+    For the duration, each edited layer's ``forward`` is replaced on the instance (its class and
+    hooks are untouched) and restored on exit, also on an exception.
 
     Example:
         >>> with RowCapture(model, targets) as capture:          # doctest: +SKIP
@@ -36,9 +58,8 @@ class RowCapture:
     def __init__(self, model: nn.Module, targets: Sequence[EditTarget]):
         self.model = model
         self.targets = {target.name: target for target in targets}
-        self._inputs: dict[str, list[torch.Tensor]] = {name: [] for name in self.targets}
-        self._grads: dict[str, dict[int, torch.Tensor]] = {name: {} for name in self.targets}
-        self._handles: list = []
+        self._calls: dict[str, list[_Call]] = {name: [] for name in self.targets}
+        self._patched: list[nn.Module] = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
 
     def __enter__(self) -> RowCapture:
@@ -47,47 +68,55 @@ class RowCapture:
                 "row capture cannot run with gradient checkpointing (it re-runs layers inside backward): "
                 "call model.gradient_checkpointing_disable() before editing"
             )
-        modules = {name: module_and_layout(self.model, name)[0] for name in self.targets}
+        layers = {name: module_and_layout(self.model, name) for name in self.targets}
+        for name, (module, _) in layers.items():
+            if "forward" in module.__dict__:  # e.g. accelerate's dispatch hooks own it: do not bypass them
+                raise InvalidInputError(
+                    f"the module of {name} already has an instance-level forward (accelerate dispatch or a "
+                    "nested capture / lowrank_edited); row capture cannot replace it"
+                )
         self._frozen = [(p, p.requires_grad) for p in self.model.parameters()]
         for parameter, _ in self._frozen:
             parameter.requires_grad_(False)
-        for name, module in modules.items():
-            self._handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))
+        for name, (module, layout) in layers.items():
+            module.forward = partial(self._captured_forward, name, module, layout)
+            self._patched.append(module)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for module in self._patched:
+            del module.forward
+        self._patched.clear()
         for parameter, requires_grad in self._frozen:
             parameter.requires_grad_(requires_grad)
         self._frozen.clear()
 
-    def _hook(self, name: str):
-        def record(module, args, kwargs, output):
-            if not torch.is_grad_enabled():
-                raise InvalidInputError("row capture needs autograd: do not run the forward under torch.no_grad()")
-            layer_input = args[0] if args else next(iter(kwargs.values()))
-            call = len(self._inputs[name])
-            self._inputs[name].append(layer_input.detach())
-            if not output.requires_grad:  # the lowest edited layer: the graph starts here
-                output = output.detach().requires_grad_()
-            output.register_hook(lambda grad: self._grads[name].__setitem__(call, grad.detach()))
-            return output
-
-        return record
+    def _captured_forward(self, name: str, module: nn.Module, layout: str, *args, **kwargs) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            raise InvalidInputError("row capture needs autograd: do not run the forward under torch.no_grad()")
+        x = args[0] if args else next(iter(kwargs.values()))
+        rows = math.prod(x.shape[:-1])
+        call = _Call(x.detach(), torch.empty(rows, self.targets[name].n_out, dtype=torch.float32, device=x.device))
+        self._calls[name].append(call)
+        # The lowest edited layer's input needs no gradient: the anchor puts its output on the graph.
+        anchor = None if x.requires_grad else torch.empty(0, device=x.device, requires_grad=True)
+        output = ops.capture_linear(x, module.weight, module.bias, call.delta, layout=layout, anchor=anchor)
+        # The buffer cannot tell whether the backward ran, so the op's own backward node reports it
+        # (a node hook rather than a hook on ``output``, which the model may still modify in place).
+        output.grad_fn.register_prehook(call.mark_reached)
+        return output
 
     def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(u, delta) of weight ``name``: every token row of every call, float32, (n, in) and (n, out)."""
         if name not in self.targets:
             raise TargetError(f"{name!r} is not captured; captured weights: {sorted(self.targets)}")
-        target, inputs, grads = self.targets[name], self._inputs[name], self._grads[name]
-        if not inputs:
+        target, calls = self.targets[name], self._calls[name]
+        if not calls:
             raise TargetError(f"layer {name!r} was not called in the forward pass")
-        if len(grads) != len(inputs):
+        if not all(call.reached for call in calls):
             raise TargetError(f"no gradient reached layer {name!r}: it is not on the path of the loss")
-        u = torch.cat([x.reshape(-1, target.n_in) for x in inputs]).float()
-        delta = torch.cat([grads[call].reshape(-1, target.n_out) for call in range(len(inputs))]).float()
+        u = torch.cat([call.u.reshape(-1, target.n_in) for call in calls]).float()
+        delta = torch.cat([call.delta for call in calls])
         return u, delta
 
 

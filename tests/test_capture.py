@@ -327,6 +327,53 @@ def test_rows_of_an_uncaptured_weight_raise_target_error():
         capture.rows("transformer.h.0.mlp.c_fc.weight")
 
 
+def test_row_capture_restores_every_forward_also_after_an_exception():
+    model = make_model("gpt2")
+    batch = _batch(model, edit_batch("gpt2"))
+    _capture(model, mk.resolve_targets(model), batch)
+    with pytest.raises(RuntimeError, match="user failure"):
+        with mk.RowCapture(model, mk.resolve_targets(model)):
+            raise RuntimeError("user failure")
+    assert not [name for name, module in model.named_modules() if "forward" in module.__dict__]
+
+
+class _TwiceLM(nn.Module):
+    """Embedding -> shared -> shared -> head: one edited layer called twice in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(11, 4)
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 11)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = torch.tanh(self.shared(self.embed(input_ids)))
+        return SimpleNamespace(logits=self.head(torch.tanh(self.shared(hidden))))
+
+
+def test_each_call_of_a_layer_gets_its_own_rows():
+    model = _TwiceLM()
+    target = mk.resolve_targets(model, ["shared.weight"])[0]
+    batch = _toy_batch()
+    expected = _reference_grads(model, batch, [target.name])[target.name]
+    u, delta = mk.capture_edit_rows(model, [target], batch, shift_labels=False)[target.name]
+    assert u.shape == (8, 4) and delta.shape == (8, 4)  # 4 token rows per call
+    assert not torch.equal(delta[:4], delta[4:])
+    _assert_relative_close(_gradient_from_rows(target, u, delta), expected, 1e-5, target.name)
+
+
+def test_row_capture_refuses_a_layer_whose_forward_is_already_replaced():
+    model = _ToyLM()
+    wrapped = model.used.forward
+    model.used.forward = lambda x: wrapped(x)  # as accelerate's dispatch hooks do
+    with pytest.raises(mk.InvalidInputError, match="used.weight"):
+        with mk.RowCapture(model, mk.resolve_targets(model, ["used.weight", "head.weight"])):
+            pass
+    assert all(p.requires_grad for p in model.parameters())
+    assert "forward" not in model.head.__dict__ and "forward" in model.used.__dict__
+
+
 # ------------------------------------------------------------------------ (f) misuse of the capture
 def test_row_capture_under_no_grad_raises_and_cleans_up():
     model = make_model("gpt2")

@@ -8,12 +8,13 @@ Public functional entry points:
 """
 
 from ._dispatch import BACKENDS, ENV_VAR, BackendStatus, Op, backend_status
+from .capture_linear import CAPTURE_LINEAR, capture_linear
 from .editor_mlp import EDITOR_MLP, editor_mlp
 from .lowrank_linear import LOWRANK_LINEAR, lowrank_linear
 from .rank_update import RANK_UPDATE, rank_update_
 from .running_moments import RUNNING_MOMENTS, running_moments_
 
-ALL_OPS = (RANK_UPDATE, RUNNING_MOMENTS, EDITOR_MLP, LOWRANK_LINEAR)
+ALL_OPS = (RANK_UPDATE, RUNNING_MOMENTS, EDITOR_MLP, LOWRANK_LINEAR, CAPTURE_LINEAR)
 
 __all__ = [
     "ALL_OPS",
@@ -22,6 +23,7 @@ __all__ = [
     "BackendStatus",
     "Op",
     "backend_status",
+    "capture_linear",
     "editor_mlp",
     "lowrank_linear",
     "rank_update_",
