@@ -173,6 +173,13 @@ def test_frozen_parameters_and_empty_rows(backend):
     assert all(leaf.grad is not None and leaf.grad.abs().sum() == 0 for leaf in leaves)
 
 
+def test_reference_gradcheck_float64():
+    # The oracle itself: every input, float64 (the reference is dtype-generic).
+    rows, mean, std, params = make_inputs(3, 6, 2, 2)
+    inputs = [t.detach().cpu().double().requires_grad_() for t in (rows, mean, std, *params)]
+    assert torch.autograd.gradcheck(lambda *a: _editor_mlp_reference(*a, EPS), inputs)
+
+
 @by_backend
 def test_statistics_updated_before_the_backward(backend):
     # Meta-training with several edits normalises edit 1, updates the running statistics with edit 2's
