@@ -135,7 +135,7 @@ def test_non_contiguous_inputs_and_frozen_weight(backend):
     rows = torch.randn(3, 7 + 9, generator=g)
     u, delta = rows[:, :7], rows[:, 7:]  # column slices, as the editor returns them
     weight = torch.randn(7, 9, generator=g).t().requires_grad_()  # (9, 7) transposed view; frozen
-    bias = torch.randn(9, generator=g).requires_grad_()
+    bias = torch.randn(9, 2, generator=g)[:, 1].requires_grad_()  # stride 2
     scale = torch.tensor(0.25, requires_grad=True)
     y = mk.ops.lowrank_linear(x, weight, bias, u, delta, scale, backend=backend)
     assert_close(y, dense_oracle(x, weight.detach(), bias.detach(), u, delta, scale.detach(), "linear"), 1e-5, "y")

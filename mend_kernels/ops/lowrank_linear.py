@@ -222,7 +222,7 @@ def _triton_kernels():
     def fused_mm_kernel(
         c_ptr, a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, scale_ptr, M, N, K, K2,
         stride_cm, stride_cn, stride_am, stride_ak, stride_bk, stride_bn,
-        stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+        stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_bias,
         SCALE_FIRST: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
         ROUND_TO_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
@@ -264,7 +264,7 @@ def _triton_kernels():
                 side += tl.dot(a2, b2, input_precision="ieee")
             acc += scale * side
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=in_cols, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + cols * stride_bias, mask=in_cols, other=0.0).to(tl.float32)[None, :]
         if ROUND_TO_BF16:
             # Round to nearest even explicitly: GPUs do it anyway, the Triton interpreter truncates.
             bits = acc.to(tl.uint32, bitcast=True)
@@ -320,6 +320,7 @@ def _mm(c, a, b, scale, *, scale_first=False, a2=None, b2=None, bias=None) -> No
         c, a, b, dummy if a2 is None else a2, dummy if b2 is None else b2, dummy if bias is None else bias, scale,
         m, n, k, k2, *c.stride(), *a.stride(), *b.stride(),
         *(a2.stride() if a2 is not None else (0, 0)), *(b2.stride() if b2 is not None else (0, 0)),
+        bias.stride(0) if bias is not None else 0,
         SCALE_FIRST=scale_first, HAS_SECOND=a2 is not None, HAS_BIAS=bias is not None,
         ROUND_TO_BF16=c.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block(k, 32), BLOCK_K2=_block(k2, 32),
