@@ -2,7 +2,9 @@
 
 rank_update_: ``W += s * alpha * D^T U`` in place on bf16 weights, against the eager
 ``W += (alpha * D.T @ U).to(W.dtype)`` and against the memory floor of copying W once (``copy_``
-into a preallocated buffer). Peak extra memory is measured in a fresh process per provider (Linux
+into a preallocated buffer). rank_updates_ (several weights in one call) is measured on GPT-2-small's
+edited MLP weights and on many small weights, against one rank_update_ call per weight and the eager
+loop. Peak extra memory is measured in a fresh process per provider (Linux
 VmHWM above the resident inputs). The GPU columns are estimates on paper for an H100 SXM, not
 measurements: time >= max(bytes / 3.35 TB/s, FLOPs / 67 TFLOP/s fp32).
 
@@ -24,6 +26,13 @@ H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3
 H100_FP32 = 67e12  # FLOP/s, CUDA cores (fp32 factors, no TF32)
 SHAPES = ((3072, 768), (16384, 4096))
 ROWS = (16, 64, 256)
+# (name, [(out, in) per weight]): MEND's GPT-2 edit (c_fc and c_proj of the last 3 blocks, Conv1D
+# weights stored (in, out)), and 24 small weights where per-call overhead dominates.
+BATCHES = (
+    ("GPT-2 small MLP, 3 blocks", [(3072, 768), (768, 3072)] * 3),
+    ("24 weights 256x64", [(256, 64)] * 24),
+)
+BATCH_ROWS = (16, 64)
 
 
 def operands(out_features: int, in_features: int, rows: int):
@@ -46,6 +55,48 @@ def providers(weight: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, spare:
     if spare is not None:
         calls["copy W (floor)"] = lambda: spare.copy_(weight)
     return calls
+
+
+def conv1d_operands(out_features: int, in_features: int, rows: int):
+    """A Conv1D weight (in, out) and its factors: operands() of the transposed shape, factors swapped."""
+    weight, delta, u = operands(in_features, out_features, rows)
+    return weight, u, delta
+
+
+def batch_providers(batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], spares: list[torch.Tensor]) -> dict:
+    """Conv1D-layout weights (in, out) updated in one call, one call each, and eagerly."""
+    scale = 1e-12
+    weights, us, deltas = (list(column) for column in zip(*batch))
+    scales = [scale] * len(weights)
+    calls = {}
+    for backend in ("cpu", "reference"):
+        if backend_status(backend).available:
+            calls[f"mend_kernels[{backend}] one call"] = lambda b=backend: mk.ops.rank_updates_(
+                weights, us, deltas, scales, layouts="conv1d", backend=b)
+    if backend_status("cpu").available:
+        calls["mend_kernels[cpu] call per weight"] = lambda: [
+            mk.ops.rank_update_(w, u, d, scale, layout="conv1d", backend="cpu") for w, u, d in batch]
+    calls["eager"] = lambda: [w.add_((scale * u.t() @ d).to(w.dtype)) for w, u, d in batch]
+    calls["copy W (floor)"] = lambda: [spare.copy_(w) for spare, w in zip(spares, weights)]
+    return calls
+
+
+def batched_benchmark(table: list, rows_out: list) -> None:
+    for name, shapes in BATCHES:
+        for rows in BATCH_ROWS:
+            batch = [conv1d_operands(out_features, in_features, rows) for out_features, in_features in shapes]
+            spares = [torch.empty_like(w) for w, _, _ in batch]
+            times = {provider: median_seconds(call) for provider, call in batch_providers(batch, spares).items()}
+            h100_us = sum(gpu_estimate_us(out_features, in_features, rows)[2] for out_features, in_features in shapes)
+            case = f"{name} bf16, {rows} rows"
+            for provider, seconds in times.items():
+                table.append([
+                    case, provider, f"{1e3 * seconds:.2f}", f"{times['eager'] / seconds:.2f}x",
+                    f"{seconds / times['copy W (floor)']:.2f}x", "",
+                    f"{h100_us:.1f}" if provider.startswith("mend_kernels") else "",
+                ])
+                rows_out.append({"benchmark": "rank_updates_", "provider": provider, "case": case, "metric": "median_ms", "value": 1e3 * seconds})
+            rows_out.append({"benchmark": "rank_updates_", "provider": "H100 estimate", "case": case, "metric": "estimated_us", "value": h100_us})
 
 
 def gpu_estimate_us(out_features: int, in_features: int, rows: int) -> tuple[float, float, float]:
@@ -99,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             rows_out.append({"benchmark": "rank_update_", "provider": "H100 estimate", "case": case, "metric": "estimated_us", "value": h100_us})
             rows_out.append({"benchmark": "rank_update_", "provider": "H100 estimate", "case": case, "metric": "bytes_moved", "value": moved})
             rows_out.append({"benchmark": "rank_update_", "provider": "H100 estimate", "case": case, "metric": "flops", "value": flops})
-    print(f"rank_update_ on this CPU ({torch.get_num_threads()} threads); 'vs eager' = eager time / time (higher is better),")
+    batched_benchmark(table, rows_out)
+    print(f"rank_update_ / rank_updates_ on this CPU ({torch.get_num_threads()} threads); 'vs eager' = eager time / time (higher is better),")
     print("'vs copy' = time / copy time (1.0 is the memory floor); peak extra memory as a share of W; H100 column: estimate")
     print_table(["case", "provider", "median ms", "vs eager", "vs copy", "peak extra / W", "H100 est. us"], table)
     if args.csv:

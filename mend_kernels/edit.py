@@ -1,7 +1,8 @@
 """Applying, stacking, reverting, saving and replaying edits.
 
 An edit of one weight is its factors and step: ``W += scale * delta~^T u~`` (``scale = sign * alpha``),
-applied in place by :func:`mend_kernels.ops.rank_update_` without forming the dense update. An
+applied in place without forming the dense update; all weights of an edit go through one
+:func:`mend_kernels.ops.rank_updates_` call (one per device when the model spans several). An
 :class:`EditHandle` keeps the factors, so the edit can be reverted, saved and replayed on another
 copy of the model. Handles on the same weights stack: revert the newest first.
 """
@@ -94,12 +95,12 @@ class EditHandle:
             if weight._version != self._versions[name] and not force:
                 raise StaleEditError(f"{name} was modified after this edit; revert(force=True) to revert anyway")
         with torch.no_grad():
-            for edit in reversed(self.edits):
-                weight = self._weights[edit.name]
-                if self._originals is not None:
-                    weight.copy_(self._originals[edit.name])
-                else:
-                    _apply_one(weight, edit, sign=-1.0, backend=self._backend)
+            if self._originals is not None:
+                for name, weight in self._weights.items():
+                    weight.copy_(self._originals[name])
+            else:
+                for group in reversed(_by_device(self._weights, self.edits)):
+                    _apply_group(self._weights, group, sign=-1.0, backend=self._backend)
         for name, weight in self._weights.items():
             stack = _active_stack(weight)
             stack.pop()
@@ -114,8 +115,23 @@ class EditHandle:
         save_edits(self.edits, path)
 
 
-def _apply_one(weight: torch.Tensor, edit: WeightEdit, *, sign: float, backend: str | None) -> None:
-    ops.rank_update_(weight, edit.u, edit.delta, sign * float(edit.scale), layout=edit.layout, backend=backend)
+def _by_device(weights: dict[str, nn.Parameter], edits: Sequence[WeightEdit]) -> list[list[WeightEdit]]:
+    """The edits grouped by their weight's device: one batched update serves one device."""
+    groups: dict[torch.device, list[WeightEdit]] = {}
+    for edit in edits:
+        groups.setdefault(weights[edit.name].device, []).append(edit)
+    return list(groups.values())
+
+
+def _apply_group(weights: dict[str, nn.Parameter], edits: list[WeightEdit], *, sign: float, backend: str | None) -> None:
+    ops.rank_updates_(
+        [weights[edit.name] for edit in edits],
+        [edit.u for edit in edits],
+        [edit.delta for edit in edits],
+        [sign * float(edit.scale) for edit in edits],
+        layouts=[edit.layout for edit in edits],
+        backend=backend,
+    )
 
 
 def _check_edit(model: nn.Module, edit: WeightEdit, params: dict[str, nn.Parameter]) -> nn.Parameter:
@@ -150,19 +166,20 @@ def apply_edits(
     if len(weights) != len(edits):
         raise TargetError("the edits name a weight more than once")
     originals = {name: w.detach().to("cpu", copy=True) for name, w in weights.items()} if keep_original else None
-    applied: list[WeightEdit] = []
+    applied: list[list[WeightEdit]] = []
     try:
         with torch.no_grad():
-            for edit in edits:
-                _apply_one(weights[edit.name], edit, sign=1.0, backend=backend)
-                applied.append(edit)
+            for group in _by_device(weights, edits):
+                _apply_group(weights, group, sign=1.0, backend=backend)
+                applied.append(group)
     except BaseException:
         with torch.no_grad():  # leave the model as it was
-            for edit in reversed(applied):
-                if originals is not None:
-                    weights[edit.name].copy_(originals[edit.name])
-                else:
-                    _apply_one(weights[edit.name], edit, sign=-1.0, backend=backend)
+            if originals is not None:  # also undoes a call that failed after changing weights
+                for name, weight in weights.items():
+                    weight.copy_(originals[name])
+            else:  # a batched call checks all its arguments before it changes any weight
+                for group in reversed(applied):
+                    _apply_group(weights, group, sign=-1.0, backend=backend)
         raise
     detached = [WeightEdit(e.name, e.layout, e.u.detach(), e.delta.detach(), e.scale.detach()) for e in edits]
     return EditHandle(weights, detached, originals, backend)

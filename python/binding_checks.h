@@ -58,6 +58,34 @@ inline void check_rank_update(const char* kind, uintptr_t w_ptr, uintptr_t a_ptr
   require(ldw >= N, "ldw (row stride of W, in elements) must be >= N");
 }
 
+// A batched rank update's weights, from Python tuples (w_ptr, dtype, M, N, ldw, a_ptr, b_ptr, K, scale)
+// checked one by one like rank_update's arguments; an error names the index of the bad tuple.
+inline std::vector<mend_rank_update_desc> rank_update_descriptors(const char* kind, const pybind11::list& items) {
+  typedef std::tuple<uintptr_t, std::string, int64_t, int64_t, int64_t, uintptr_t, uintptr_t, int64_t, float> Fields;
+  require(!items.empty(), "descriptors must hold at least one weight");
+  std::vector<mend_rank_update_desc> descs;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const std::string where = "descriptors[" + std::to_string(i) + "]: ";
+    Fields f;
+    try {
+      f = items[i].cast<Fields>();
+    } catch (const pybind11::cast_error&) {
+      throw pybind11::value_error(where + "expected a tuple (w_ptr, dtype, M, N, ldw, a_ptr, b_ptr, K, scale)");
+    }
+    const auto& [w_ptr, dtype, M, N, ldw, a_ptr, b_ptr, K, scale] = f;
+    try {
+      const int code = dtype_code(dtype);
+      check_rank_update(kind, w_ptr, a_ptr, b_ptr, M, N, ldw, K);
+      descs.push_back(mend_rank_update_desc{reinterpret_cast<void*>(w_ptr), code, M, N, ldw,
+                                            reinterpret_cast<const float*>(a_ptr),
+                                            reinterpret_cast<const float*>(b_ptr), K, scale});
+    } catch (const pybind11::value_error& e) {
+      throw pybind11::value_error(where + e.what());
+    }
+  }
+  return descs;
+}
+
 // running_moments: the sizes of x (n, d; row stride ldx). The pointers and the count are checked by
 // each module (the count is a value on the CPU, a device pointer on CUDA).
 inline void check_moments_sizes(int64_t n, int64_t d, int64_t ldx) {

@@ -45,6 +45,16 @@ void rank_update(uintptr_t w_ptr, const std::string& dtype, int64_t M, int64_t N
   raise_status(status, "rank_update");
 }
 
+void rank_update_batched(const py::list& descriptors) {
+  const auto descs = mend_binding::rank_update_descriptors(kPtr, descriptors);
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = mend_cpu_rank_update_batched(descs.data(), static_cast<int64_t>(descs.size()));
+  }
+  raise_status(status, "rank_update_batched");
+}
+
 void running_moments(uintptr_t mean_ptr, uintptr_t m2_ptr, int64_t count, uintptr_t x_ptr, int64_t n,
                      int64_t d, int64_t ldx) {
   require_pointer(mean_ptr, "mean_ptr", kPtr);
@@ -61,16 +71,6 @@ void running_moments(uintptr_t mean_ptr, uintptr_t m2_ptr, int64_t count, uintpt
   raise_status(status, "running_moments");
 }
 
-py::dict build_info() {
-  mend_cpu_build_facts f;
-  mend_cpu_get_build_facts(&f);
-  py::dict d;
-  d["compiler"] = f.compiler;
-  d["build_type"] = f.build_type;
-  d["cxx_flags"] = f.cxx_flags;
-  d["openmp"] = static_cast<bool>(f.openmp);
-  d["openmp_version"] = f.openmp_version;
-  d["max_threads"] = f.max_threads;
 // The editor's element-wise passes (mend_cpu_editor_*): all float32, (n, d) arrays contiguous.
 void editor_normalize(uintptr_t z_ptr, uintptr_t rows_ptr, int64_t ldr, uintptr_t mean_ptr, uintptr_t std_ptr,
                       float eps, int64_t n, int64_t d) {
@@ -123,6 +123,16 @@ void editor_layer_backward(uintptr_t ga_ptr, uintptr_t g_ptr, uintptr_t pre_ptr,
   raise_status(status, "editor_layer_backward");
 }
 
+py::dict build_info() {
+  mend_cpu_build_facts f;
+  mend_cpu_get_build_facts(&f);
+  py::dict d;
+  d["compiler"] = f.compiler;
+  d["build_type"] = f.build_type;
+  d["cxx_flags"] = f.cxx_flags;
+  d["openmp"] = static_cast<bool>(f.openmp);
+  d["openmp_version"] = f.openmp_version;
+  d["max_threads"] = f.max_threads;
   d["simd_variants"] = f.simd_variants;
   d["simd_path"] = mend_cpu_simd_path();
   return d;
@@ -137,15 +147,15 @@ PYBIND11_MODULE(_C, m) {
         "In place: W[m, n] = round(W[m, n] + scale * sum_k A[k, m] * B[k, n]), fp32 accumulation, one "
         "rounding to W's dtype ('float32', 'bfloat16' or 'float16'). W (M, N) row stride ldw; A (K, M) and "
         "B (K, N) contiguous float32. Pointers are data_ptr() integers of CPU tensors.");
+  m.def("rank_update_batched", &rank_update_batched, py::arg("descriptors"),
+        "rank_update on several weights in one call (one OpenMP parallel region for all their tiles): "
+        "descriptors is a non-empty list of tuples (w_ptr, dtype, M, N, ldw, a_ptr, b_ptr, K, scale) with "
+        "rank_update's meanings; the weights must not overlap. Every tuple is checked before any weight changes.");
   m.def("running_moments", &running_moments, py::arg("mean_ptr"), py::arg("m2_ptr"), py::arg("count"),
         py::arg("x_ptr"), py::arg("n"), py::arg("d"), py::arg("ldx"),
         "In place: merge the batch x (n, d; row stride ldx; float32) into the running float32 mean (d) and "
         "M2 (d) of `count` rows (Chan et al.; two-pass float64 batch statistics). The caller adds n to "
         "its count.");
-  m.def("build_info", &build_info,
-        "dict: compiler, build_type, cxx_flags, openmp, openmp_version, max_threads, simd_variants, "
-        "simd_path (the path taken on this CPU).");
-}
   m.def("editor_normalize", &editor_normalize, py::arg("z_ptr"), py::arg("rows_ptr"), py::arg("ldr"),
         py::arg("mean_ptr"), py::arg("std_ptr"), py::arg("eps"), py::arg("n"), py::arg("d"),
         "z = (rows - mean) / (std + eps); rows (n, d) with row stride ldr, z contiguous; float32.");
@@ -156,3 +166,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("scale_ptr"), py::arg("shift_ptr"), py::arg("dbias_ptr"), py::arg("dscale_ptr"),
         py::arg("dshift_ptr"), py::arg("n"), py::arg("d"),
         "ga = g * [pre * scale + shift >= 0] * scale and the column sums dshift, dscale, dbias (deterministic).");
+  m.def("build_info", &build_info,
+        "dict: compiler, build_type, cxx_flags, openmp, openmp_version, max_threads, simd_variants, "
+        "simd_path (the path taken on this CPU).");
+}

@@ -45,6 +45,16 @@ void rank_update(uintptr_t w_ptr, const std::string& dtype, int64_t M, int64_t N
   raise_cuda(status, "rank_update");
 }
 
+void rank_update_batched(const py::list& descriptors, uintptr_t stream) {
+  const auto descs = mend_binding::rank_update_descriptors(kPtr, descriptors);
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = mend_cuda_rank_update_batched(descs.data(), static_cast<int64_t>(descs.size()), stream);
+  }
+  raise_cuda(status, "rank_update_batched");
+}
+
 void running_moments(uintptr_t mean_ptr, uintptr_t m2_ptr, uintptr_t count_ptr, uintptr_t x_ptr, int64_t n,
                      int64_t d, int64_t ldx, uintptr_t stream) {
   require_pointer(mean_ptr, "mean_ptr", kPtr);
@@ -62,16 +72,6 @@ void running_moments(uintptr_t mean_ptr, uintptr_t m2_ptr, uintptr_t count_ptr, 
   raise_cuda(status, "running_moments");
 }
 
-#ifndef MEND_CUDA_RUNTIME_LINKAGE
-#define MEND_CUDA_RUNTIME_LINKAGE "unknown"
-#endif
-#ifndef MEND_BUILD_TYPE
-#define MEND_BUILD_TYPE "unknown"
-#endif
-
-py::dict build_info() {
-  py::dict d;
-  d["nvcc_version"] = mend_cuda_nvcc_version();
 // The editor's element-wise passes (mend_cuda_editor_*): all float32, (n, d) arrays contiguous.
 void editor_normalize(uintptr_t z_ptr, uintptr_t rows_ptr, int64_t ldr, uintptr_t mean_ptr, uintptr_t std_ptr,
                       float eps, int64_t n, int64_t d, uintptr_t stream) {
@@ -124,6 +124,16 @@ void editor_layer_backward(uintptr_t ga_ptr, uintptr_t g_ptr, uintptr_t pre_ptr,
   raise_cuda(status, "editor_layer_backward");
 }
 
+#ifndef MEND_CUDA_RUNTIME_LINKAGE
+#define MEND_CUDA_RUNTIME_LINKAGE "unknown"
+#endif
+#ifndef MEND_BUILD_TYPE
+#define MEND_BUILD_TYPE "unknown"
+#endif
+
+py::dict build_info() {
+  py::dict d;
+  d["nvcc_version"] = mend_cuda_nvcc_version();
   int archs[64];
   const int count = mend_cuda_architectures(archs, 64);
   py::list arch_list;
@@ -142,12 +152,14 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("ldw"), py::arg("a_ptr"), py::arg("b_ptr"), py::arg("K"), py::arg("scale"), py::arg("stream"),
         "In place on the GPU, enqueued on `stream` (cudaStream_t as int): W[m, n] = round(W[m, n] + scale * "
         "sum_k A[k, m] * B[k, n]), fp32 accumulation, one rounding to W's dtype.");
+  m.def("rank_update_batched", &rank_update_batched, py::arg("descriptors"), py::arg("stream"),
+        "rank_update on several weights in one kernel launch, enqueued on `stream`: descriptors is a non-empty "
+        "list of tuples (w_ptr, dtype, M, N, ldw, a_ptr, b_ptr, K, scale) of device pointers; the weights must "
+        "not overlap.");
   m.def("running_moments", &running_moments, py::arg("mean_ptr"), py::arg("m2_ptr"), py::arg("count_ptr"),
         py::arg("x_ptr"), py::arg("n"), py::arg("d"), py::arg("ldx"), py::arg("stream"),
         "In place on the GPU: merge x (n, d; row stride ldx) into mean/M2; count_ptr points to the int64 "
         "number of rows already merged (not modified).");
-  m.def("build_info", &build_info, "dict: nvcc_version, architectures (list of compute capabilities, e.g. [80, 90]), cuda_runtime, build_type.");
-}
   m.def("editor_normalize", &editor_normalize, py::arg("z_ptr"), py::arg("rows_ptr"), py::arg("ldr"),
         py::arg("mean_ptr"), py::arg("std_ptr"), py::arg("eps"), py::arg("n"), py::arg("d"), py::arg("stream"),
         "z = (rows - mean) / (std + eps); rows (n, d) with row stride ldr, z contiguous; float32.");
@@ -158,3 +170,5 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("scale_ptr"), py::arg("shift_ptr"), py::arg("dbias_ptr"), py::arg("dscale_ptr"),
         py::arg("dshift_ptr"), py::arg("n"), py::arg("d"), py::arg("stream"),
         "ga = g * [pre * scale + shift >= 0] * scale and the column sums dshift, dscale, dbias (deterministic).");
+  m.def("build_info", &build_info, "dict: nvcc_version, architectures (list of compute capabilities, e.g. [80, 90]), cuda_runtime, build_type.");
+}

@@ -519,26 +519,29 @@ def test_apply_edits_of_another_architecture_raise_target_error():
 
 
 class _FailOnCall:
-    """Wraps ``ops.rank_update_``: runs the real update, but raises on the ``fail_at``-th call."""
+    """Wraps ``ops.rank_updates_`` (one call per edit): raises on the ``fail_at``-th call, after the
+    real update when ``after_update`` (a failure once the weights changed, e.g. an interrupt)."""
 
-    def __init__(self, real, fail_at: int, error: BaseException):
-        self.real, self.fail_at, self.error, self.calls = real, fail_at, error, 0
+    def __init__(self, real, fail_at: int, error: BaseException, *, after_update: bool):
+        self.real, self.fail_at, self.error, self.after_update, self.calls = real, fail_at, error, after_update, 0
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
-        if self.calls == self.fail_at:
-            raise self.error
-        return self.real(*args, **kwargs)
+        if self.calls != self.fail_at:
+            return self.real(*args, **kwargs)
+        if self.after_update:
+            self.real(*args, **kwargs)
+        raise self.error
 
 
 @pytest.mark.parametrize("error", [RuntimeError("kernel failure"), KeyboardInterrupt()], ids=["runtime", "interrupt"])
-def test_failure_in_the_middle_of_apply_edits_restores_every_weight(monkeypatch, error):
+def test_failure_after_the_update_in_apply_edits_restores_every_weight(monkeypatch, error):
     model = make_model("gpt2")
     edits = _valid_edits("gpt2", model)
-    patched = _FailOnCall(mk.ops.rank_update_, 3, error)
-    monkeypatch.setattr(mk.ops, "rank_update_", patched)
+    patched = _FailOnCall(mk.ops.rank_updates_, 1, error, after_update=True)
+    monkeypatch.setattr(mk.ops, "rank_updates_", patched)
     _raises(type(error), [], lambda: mk.apply_edits(model, edits), model=model)
-    assert patched.calls == 3  # two weights were updated before the failure, then rolled back
+    assert patched.calls == 1  # every weight was updated before the failure, then restored
     monkeypatch.undo()
     # nothing is left registered: a fresh edit applies and reverts cleanly
     before = _snapshot(model)
@@ -546,27 +549,25 @@ def test_failure_in_the_middle_of_apply_edits_restores_every_weight(monkeypatch,
     _assert_same(model, before, "model weights after apply + revert")
 
 
-def test_failure_in_the_middle_of_editor_edit_restores_every_weight(monkeypatch):
+def test_failure_after_the_update_in_editor_edit_restores_every_weight(monkeypatch):
     model = make_model("llama")
     editor = _editor(model)
-    patched = _FailOnCall(mk.ops.rank_update_, 3, RuntimeError("kernel failure"))
-    monkeypatch.setattr(mk.ops, "rank_update_", patched)
+    patched = _FailOnCall(mk.ops.rank_updates_, 1, RuntimeError("kernel failure"), after_update=True)
+    monkeypatch.setattr(mk.ops, "rank_updates_", patched)
     _raises(RuntimeError, ["kernel failure"], lambda: editor.edit(model, **edit_batch("llama")), model=model)
-    assert patched.calls == 3
+    assert patched.calls == 1
 
 
-def test_failure_in_apply_edits_without_originals_rolls_back_to_rounding(monkeypatch):
+def test_failed_batched_update_without_originals_leaves_every_weight_untouched(monkeypatch):
     model = make_model("gpt2")
     edits = _valid_edits("gpt2", model)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    monkeypatch.setattr(mk.ops, "rank_update_", _FailOnCall(mk.ops.rank_update_, 4, RuntimeError("kernel failure")))
+    failing = _FailOnCall(mk.ops.rank_updates_, 1, RuntimeError("kernel failure"), after_update=False)
+    monkeypatch.setattr(mk.ops, "rank_updates_", failing)
     with pytest.raises(RuntimeError, match="kernel failure"):
         mk.apply_edits(model, edits, keep_original=False)
     for name, parameter in model.named_parameters():
-        if name in {e.name for e in edits[:3]}:
-            torch.testing.assert_close(parameter, before[name], rtol=0, atol=1e-6)
-        else:  # never touched
-            assert torch.equal(parameter, before[name]), name
+        assert torch.equal(parameter, before[name]), name
 
 
 def test_gradient_checkpointing_is_refused_with_a_clear_message():

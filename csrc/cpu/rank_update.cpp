@@ -11,6 +11,9 @@
 //      accumulator tile in registers, K loop innermost (one broadcast of A and NR/VL vector loads of
 //      B per k), followed by the epilogue that loads the MR x NR tile of W, adds scale * acc in
 //      float32 and rounds once to W's dtype.
+//      A batch of weights (mend_cpu_rank_update_batched) numbers the B slivers and row blocks of all
+//      its weights in one sequence, so one parallel region covers the batch; a single weight is a
+//      batch of one.
 //   3. The micro-kernel is written once with GCC/Clang vector extensions and compiled for three
 //      instruction sets in this translation unit (function multiversioning by target attributes):
 //      AVX-512 (8 x 48 tile), AVX2+FMA (6 x 16 tile) and the compiler's baseline (4 x 12 tile). The
@@ -28,6 +31,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <new>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -439,40 +444,91 @@ static int thread_id() {
 #endif
 }
 
-static int rank_update(void* w, int dtype, int64_t M, int64_t N, int64_t ldw, const float* a,
-                       const float* b, int64_t K, float scale) {
-  if (w == nullptr || a == nullptr || b == nullptr) return MEND_ERR_INVALID_ARGUMENT;
-  if (M < 1 || N < 1 || K < 1 || ldw < N) return MEND_ERR_INVALID_ARGUMENT;
-  if (dtype != MEND_DTYPE_FLOAT32 && dtype != MEND_DTYPE_BFLOAT16 && dtype != MEND_DTYPE_FLOAT16)
-    return MEND_ERR_INVALID_ARGUMENT;
+static bool valid(const mend_rank_update_desc& d) {
+  if (d.w == nullptr || d.a == nullptr || d.b == nullptr) return false;
+  if (d.M < 1 || d.N < 1 || d.K < 1 || d.ldw < d.N) return false;
+  return d.dtype == MEND_DTYPE_FLOAT32 || d.dtype == MEND_DTYPE_BFLOAT16 || d.dtype == MEND_DTYPE_FLOAT16;
+}
 
-  const Kernel kern = kernel_for(selected_simd_path());
-  const int64_t MR = kern.mr, NR = kern.nr;
-  const int64_t n_slivers = (N + NR - 1) / NR;
-
-  // Row block: 12 slivers (96 rows for AVX-512), fewer when M is small so every thread gets work.
-  const int threads = max_threads();
+// Rows per row block of a weight: 12 slivers (96 rows for AVX-512), fewer when M is small so that
+// every thread gets work even when this weight is alone.
+static int64_t row_block_rows(int64_t M, int64_t MR, int threads) {
   int64_t mc_slivers = 12;
   const int64_t m_slivers = (M + MR - 1) / MR;
   while (mc_slivers > 1 && (m_slivers + mc_slivers - 1) / mc_slivers < 4 * threads) mc_slivers /= 2;
-  const int64_t mc = mc_slivers * MR;
-  const int64_t m_blocks = (M + mc - 1) / mc;
+  return mc_slivers * MR;
+}
 
+// The work of one weight, without its packed-B pointer (set once the batch's buffer exists).
+static Problem plan(const mend_rank_update_desc& d, const Kernel& kern, int threads) {
+  const int64_t n_slivers = (d.N + kern.nr - 1) / kern.nr;
   // Group of B slivers reused across the row slivers of a block: ~256 KiB (half of a small L2).
-  const int64_t sliver_bytes = K * NR * static_cast<int64_t>(sizeof(float));
+  const int64_t sliver_bytes = d.K * kern.nr * static_cast<int64_t>(sizeof(float));
   const int64_t slivers_per_nc = std::max<int64_t>(1, (256 * 1024) / sliver_bytes);
+  return Problem{d.w, d.dtype, d.M, d.N, d.ldw, d.K, d.a, d.scale, nullptr, n_slivers, slivers_per_nc,
+                 row_block_rows(d.M, kern.mr, threads)};
+}
 
-  AlignedBuffer bp(static_cast<size_t>(n_slivers * K * NR));
-  const int n_workers = static_cast<int>(std::min<int64_t>(threads, m_blocks));
-  AlignedBuffer ap(static_cast<size_t>(std::max(n_workers, 1)) * static_cast<size_t>(mc * K));
+// Copies B[:, j * NR : (j + 1) * NR] into dst[k][0..NR), zero padded beyond N.
+static void pack_b_sliver(const float* b, int64_t N, int64_t K, int64_t NR, int64_t j, float* dst) {
+  const int64_t c0 = j * NR;
+  const int64_t valid_cols = std::min<int64_t>(NR, N - c0);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* src = b + k * N + c0;
+    float* d = dst + k * NR;
+    for (int64_t c = 0; c < valid_cols; ++c) d[c] = src[c];
+    for (int64_t c = valid_cols; c < NR; ++c) d[c] = 0.0f;
+  }
+}
+
+// Which weight a batch-wide work index belongs to: starts[i] is the first index of weight i,
+// starts[count] the total.
+static size_t owner(const std::vector<int64_t>& starts, int64_t index) {
+  return static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), index) - starts.begin()) - 1;
+}
+
+// All weights' B slivers and row blocks are numbered batch-wide so that one parallel region with
+// two work-shared loops (pack every B, barrier, then every row block) covers the whole batch.
+static int rank_update_batched(const mend_rank_update_desc* descs, int64_t count) {
+  if (descs == nullptr || count < 1) return MEND_ERR_INVALID_ARGUMENT;
+  for (int64_t i = 0; i < count; ++i)
+    if (!valid(descs[i])) return MEND_ERR_INVALID_ARGUMENT;
+
+  const Kernel kern = kernel_for(selected_simd_path());
+  const int threads = max_threads();
+  std::vector<Problem> problems;
+  std::vector<int64_t> sliver_starts(1, 0), block_starts(1, 0);
+  int64_t max_ap_floats = 0;
+  double work = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const mend_rank_update_desc& d = descs[i];
+    problems.push_back(plan(d, kern, threads));
+    const Problem& p = problems.back();
+    sliver_starts.push_back(sliver_starts.back() + p.n_slivers);
+    block_starts.push_back(block_starts.back() + (d.M + p.mc - 1) / p.mc);
+    max_ap_floats = std::max(max_ap_floats, p.mc * d.K);
+    work += static_cast<double>(d.M) * d.N * (d.K + 4);
+  }
+
+  // Every packed B in one buffer, all allocated before the first write to any weight.
+  std::vector<int64_t> bp_offsets;
+  int64_t bp_floats = 0;
+  for (const Problem& p : problems) {
+    bp_offsets.push_back(bp_floats);
+    bp_floats += p.n_slivers * p.K * kern.nr;
+  }
+  const int64_t total_blocks = block_starts.back();
+  AlignedBuffer bp(static_cast<size_t>(bp_floats));
+  const int n_workers = static_cast<int>(std::min<int64_t>(threads, total_blocks));
+  AlignedBuffer ap(static_cast<size_t>(std::max(n_workers, 1)) * static_cast<size_t>(max_ap_floats));
   if (bp.ptr == nullptr || ap.ptr == nullptr) return MEND_ERR_OUT_OF_MEMORY;
+  for (size_t i = 0; i < problems.size(); ++i) problems[i].bp = bp.ptr + bp_offsets[i];
 
-  Problem p{w, dtype, M, N, ldw, K, a, scale, bp.ptr, n_slivers, slivers_per_nc, mc};
   float* const bpack = bp.ptr;
   float* const apack = ap.ptr;
-
-  // Small problems are not worth waking the thread team.
-  const bool parallel = n_workers > 1 && static_cast<double>(M) * N * (K + 4) > 2.0e5;
+  const int64_t total_slivers = sliver_starts.back();
+  // Small batches are not worth waking the thread team.
+  const bool parallel = n_workers > 1 && work > 2.0e5;
   (void)parallel;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n_workers) if (parallel)
@@ -481,23 +537,21 @@ static int rank_update(void* w, int dtype, int64_t M, int64_t N, int64_t ldw, co
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-    for (int64_t j = 0; j < n_slivers; ++j) {
-      const int64_t c0 = j * NR;
-      const int64_t valid = std::min<int64_t>(NR, N - c0);
-      float* dst = bpack + j * K * NR;
-      for (int64_t k = 0; k < K; ++k) {
-        const float* src = b + k * N + c0;
-        float* d = dst + k * NR;
-        for (int64_t c = 0; c < valid; ++c) d[c] = src[c];
-        for (int64_t c = valid; c < NR; ++c) d[c] = 0.0f;
-      }
+    for (int64_t s = 0; s < total_slivers; ++s) {
+      const size_t i = owner(sliver_starts, s);
+      const int64_t j = s - sliver_starts[i];
+      const Problem& p = problems[i];
+      pack_b_sliver(descs[i].b, p.N, p.K, kern.nr, j, bpack + bp_offsets[i] + j * p.K * kern.nr);
     }
-    // (implicit barrier: B is packed before any tile runs)
-    float* my_ap = apack + static_cast<size_t>(thread_id()) * static_cast<size_t>(mc * K);
+    // (implicit barrier: every B is packed before any tile runs)
+    float* my_ap = apack + static_cast<size_t>(thread_id()) * static_cast<size_t>(max_ap_floats);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-    for (int64_t blk = 0; blk < m_blocks; ++blk) kern.fn(p, blk * mc, my_ap);
+    for (int64_t blk = 0; blk < total_blocks; ++blk) {
+      const size_t i = owner(block_starts, blk);
+      kern.fn(problems[i], (blk - block_starts[i]) * problems[i].mc, my_ap);
+    }
   }
   return MEND_OK;
 }
@@ -510,7 +564,16 @@ static int rank_update(void* w, int dtype, int64_t M, int64_t N, int64_t ldw, co
 
 extern "C" int mend_cpu_rank_update(void* w, int dtype, int64_t M, int64_t N, int64_t ldw,
                                     const float* a, const float* b, int64_t K, float scale) {
-  return mend_cpu::rank_update(w, dtype, M, N, ldw, a, b, K, scale);
+  const mend_rank_update_desc one{w, dtype, M, N, ldw, a, b, K, scale};
+  return mend_cpu_rank_update_batched(&one, 1);
+}
+
+extern "C" int mend_cpu_rank_update_batched(const mend_rank_update_desc* descs, int64_t count) {
+  try {
+    return mend_cpu::rank_update_batched(descs, count);
+  } catch (const std::bad_alloc&) {  // the per-weight plans; no exception may cross the C ABI
+    return MEND_ERR_OUT_OF_MEMORY;
+  }
 }
 
 extern "C" const char* mend_cpu_simd_path(void) {

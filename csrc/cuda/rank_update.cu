@@ -10,12 +10,17 @@
 // and the sum rounded once (round to nearest even via cuda_bf16.h / cuda_fp16.h) and written back.
 // All global accesses are bounds-checked; int64 index arithmetic throughout.
 //
+// One launch serves a batch of weights of any shapes and dtypes: the grid is flat over all their
+// tiles and each block looks up its weight in the descriptors passed as kernel parameters (only the
+// epilogue depends on the dtype). A single weight is a batch of one.
+//
 // This file also holds the small C-ABI helpers of the CUDA module (error strings, build facts).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "mend/kernels.h"
@@ -80,20 +85,15 @@ __device__ __forceinline__ void store_chunk(float (*as)[kTileM], float (*bs)[kTi
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    rank_update_kernel(T* __restrict__ w, int64_t M, int64_t N, int64_t ldw, const float* __restrict__ a,
-                       const float* __restrict__ b, int64_t K, float scale, int64_t tiles_n) {
+// acc = A[:, m0 : m0 + 64]^T B[:, n0 : n0 + 64] for this thread's 4 x 4 outputs of the tile at (m0, n0).
+__device__ __forceinline__ void accumulate_tile(const float* __restrict__ a, const float* __restrict__ b, int64_t M,
+                                                int64_t N, int64_t K, int64_t m0, int64_t n0,
+                                                float (&acc)[kPerThreadM][kPerThreadN]) {
   __shared__ __align__(16) float as[2][kTileK][kTileM];
   __shared__ __align__(16) float bs[2][kTileK][kTileN];
-
-  const int64_t tile = static_cast<int64_t>(blockIdx.x);
-  const int64_t m0 = (tile / tiles_n) * kTileM;
-  const int64_t n0 = (tile % tiles_n) * kTileN;
   const int tx = static_cast<int>(threadIdx.x) % 16;  // column group
   const int ty = static_cast<int>(threadIdx.x) / 16;  // row group
 
-  float acc[kPerThreadM][kPerThreadN];
 #pragma unroll
   for (int i = 0; i < kPerThreadM; ++i)
 #pragma unroll
@@ -126,8 +126,15 @@ __global__ void __launch_bounds__(kThreads)
       buf ^= 1;
     }
   }
+}
 
-  // Epilogue: read-modify-write of this thread's 4 x 4 outputs (each element exactly once).
+// Epilogue: read-modify-write of this thread's 4 x 4 outputs (each element exactly once).
+template <typename T>
+__device__ __forceinline__ void update_tile(T* __restrict__ w, int64_t M, int64_t N, int64_t ldw, int64_t m0,
+                                            int64_t n0, float scale,
+                                            const float (&acc)[kPerThreadM][kPerThreadN]) {
+  const int tx = static_cast<int>(threadIdx.x) % 16;
+  const int ty = static_cast<int>(threadIdx.x) / 16;
 #pragma unroll
   for (int i = 0; i < kPerThreadM; ++i) {
     const int64_t m = m0 + ty * kPerThreadM + i;
@@ -144,15 +151,68 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
-cudaError_t launch(void* w, int64_t M, int64_t N, int64_t ldw, const float* a, const float* b, int64_t K,
-                   float scale, cudaStream_t stream) {
-  const int64_t tiles_m = (M + kTileM - 1) / kTileM;
-  const int64_t tiles_n = (N + kTileN - 1) / kTileN;
-  const int64_t tiles = tiles_m * tiles_n;
+// The weights of one launch, passed by value in the kernel parameters (no device copy, no host
+// sync). Weight i owns the blocks [tile_start[i], tile_start[i + 1]) of the flat grid. A single
+// weight uses kCapacity = 1 so that its launch carries no unused descriptors.
+template <int kCapacity>
+struct Batch {
+  mend_rank_update_desc weights[kCapacity];
+  int64_t tile_start[kCapacity + 1];
+  int64_t tiles_n[kCapacity];
+  int count;
+};
+static_assert(sizeof(Batch<MEND_CUDA_RANK_UPDATE_MAX_BATCH>) <= 4096, "kernel parameters are limited to 4 KiB");
+
+// The weight that flat block `tile` belongs to (a uniform scan of at most kCapacity entries).
+template <int kCapacity>
+__device__ __forceinline__ int owner(const Batch<kCapacity>& batch, int64_t tile) {
+  int i = 0;
+  while (i + 1 < batch.count && tile >= batch.tile_start[i + 1]) ++i;
+  return i;
+}
+
+// One thread block per 64 x 64 tile of one of the batch's weights. The dtype switch is uniform per
+// block: only the epilogue depends on it.
+template <int kCapacity>
+__global__ void __launch_bounds__(kThreads) rank_update_kernel(const __grid_constant__ Batch<kCapacity> batch) {
+  const int64_t block = static_cast<int64_t>(blockIdx.x);
+  const int i = owner(batch, block);
+  const mend_rank_update_desc& d = batch.weights[i];
+  const int64_t tile = block - batch.tile_start[i];
+  const int64_t m0 = (tile / batch.tiles_n[i]) * kTileM;
+  const int64_t n0 = (tile % batch.tiles_n[i]) * kTileN;
+
+  float acc[kPerThreadM][kPerThreadN];
+  accumulate_tile(d.a, d.b, d.M, d.N, d.K, m0, n0, acc);
+  switch (d.dtype) {
+    case MEND_DTYPE_FLOAT32: update_tile(static_cast<float*>(d.w), d.M, d.N, d.ldw, m0, n0, d.scale, acc); break;
+    case MEND_DTYPE_BFLOAT16:
+      update_tile(static_cast<__nv_bfloat16*>(d.w), d.M, d.N, d.ldw, m0, n0, d.scale, acc);
+      break;
+    default: update_tile(static_cast<__half*>(d.w), d.M, d.N, d.ldw, m0, n0, d.scale, acc); break;
+  }
+}
+
+bool valid(const mend_rank_update_desc& d) {
+  if (d.w == nullptr || d.a == nullptr || d.b == nullptr) return false;
+  if (d.M < 1 || d.N < 1 || d.K < 1 || d.ldw < d.N) return false;
+  return d.dtype == MEND_DTYPE_FLOAT32 || d.dtype == MEND_DTYPE_BFLOAT16 || d.dtype == MEND_DTYPE_FLOAT16;
+}
+
+// One launch over the tiles of descs[0 .. count), count <= kCapacity.
+template <int kCapacity>
+cudaError_t launch(const mend_rank_update_desc* descs, int count, cudaStream_t stream) {
+  Batch<kCapacity> batch{};
+  batch.count = count;
+  for (int i = 0; i < count; ++i) {
+    const mend_rank_update_desc& d = descs[i];
+    batch.weights[i] = d;
+    batch.tiles_n[i] = (d.N + kTileN - 1) / kTileN;
+    batch.tile_start[i + 1] = batch.tile_start[i] + ((d.M + kTileM - 1) / kTileM) * batch.tiles_n[i];
+  }
+  const int64_t tiles = batch.tile_start[count];
   if (tiles > 0x7FFFFFFFLL) return cudaErrorInvalidConfiguration;
-  rank_update_kernel<T><<<static_cast<unsigned int>(tiles), kThreads, 0, stream>>>(
-      static_cast<T*>(w), M, N, ldw, a, b, K, scale, tiles_n);
+  rank_update_kernel<kCapacity><<<static_cast<unsigned int>(tiles), kThreads, 0, stream>>>(batch);
   return cudaGetLastError();
 }
 
@@ -160,17 +220,22 @@ cudaError_t launch(void* w, int64_t M, int64_t N, int64_t ldw, const float* a, c
 
 extern "C" int mend_cuda_rank_update(void* w, int dtype, int64_t M, int64_t N, int64_t ldw, const float* a,
                                      const float* b, int64_t K, float scale, uintptr_t stream) {
-  if (w == nullptr || a == nullptr || b == nullptr) return static_cast<int>(cudaErrorInvalidValue);
-  if (M < 1 || N < 1 || K < 1 || ldw < N) return static_cast<int>(cudaErrorInvalidValue);
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  cudaError_t err;
-  switch (dtype) {
-    case MEND_DTYPE_FLOAT32: err = launch<float>(w, M, N, ldw, a, b, K, scale, s); break;
-    case MEND_DTYPE_BFLOAT16: err = launch<__nv_bfloat16>(w, M, N, ldw, a, b, K, scale, s); break;
-    case MEND_DTYPE_FLOAT16: err = launch<__half>(w, M, N, ldw, a, b, K, scale, s); break;
-    default: err = cudaErrorInvalidValue; break;
+  const mend_rank_update_desc one{w, dtype, M, N, ldw, a, b, K, scale};
+  if (!valid(one)) return static_cast<int>(cudaErrorInvalidValue);
+  return static_cast<int>(launch<1>(&one, 1, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+extern "C" int mend_cuda_rank_update_batched(const mend_rank_update_desc* descs, int64_t count, uintptr_t stream) {
+  if (descs == nullptr || count < 1) return static_cast<int>(cudaErrorInvalidValue);
+  for (int64_t i = 0; i < count; ++i)
+    if (!valid(descs[i])) return static_cast<int>(cudaErrorInvalidValue);
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  for (int64_t first = 0; first < count; first += MEND_CUDA_RANK_UPDATE_MAX_BATCH) {
+    const int n = static_cast<int>(std::min<int64_t>(MEND_CUDA_RANK_UPDATE_MAX_BATCH, count - first));
+    const cudaError_t err = launch<MEND_CUDA_RANK_UPDATE_MAX_BATCH>(descs + first, n, s);
+    if (err != cudaSuccess) return static_cast<int>(err);
   }
-  return static_cast<int>(err);
+  return 0;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -58,6 +58,29 @@ enum {
 int mend_cpu_rank_update(void* w, int dtype, int64_t M, int64_t N, int64_t ldw, const float* a,
                          const float* b, int64_t K, float scale);
 
+/* One weight of a batched rank update: the arguments of mend_cpu_rank_update / mend_cuda_rank_update. */
+typedef struct mend_rank_update_desc {
+  void* w;         /* W (M, N), row stride ldw, dtype per `dtype` (a mend_dtype) */
+  int dtype;
+  int64_t M, N, ldw;
+  const float* a;  /* A (K, M) */
+  const float* b;  /* B (K, N) */
+  int64_t K;
+  float scale;
+} mend_rank_update_desc;
+
+/*
+ * The rank update of mend_cpu_rank_update applied to `count` weights of any shapes and dtypes in one
+ * call: the row blocks of ALL weights are scheduled in one OpenMP parallel region, so small weights
+ * do not each pay a fork/join and every thread stays busy until the last tile. Each weight's result
+ * is bit-identical to mend_cpu_rank_update on it alone. The weights must not overlap each other
+ * (nor any A or B). mend_cpu_rank_update is this entry point with count = 1.
+ * Requires count >= 1, a non-null `descs`, and every descriptor valid as for mend_cpu_rank_update.
+ * Returns MEND_OK, MEND_ERR_INVALID_ARGUMENT or MEND_ERR_OUT_OF_MEMORY (no weight is touched then:
+ * every descriptor is checked and every buffer allocated before the first write).
+ */
+int mend_cpu_rank_update_batched(const mend_rank_update_desc* descs, int64_t count);
+
 /*
  * In-place merge of a batch into running per-column statistics (Chan et al.'s parallel formula):
  *     mean_b[j] = (1/n) sum_r x[r, j],  m2_b[j] = sum_r (x[r, j] - mean_b[j])^2   (two passes,
@@ -137,6 +160,18 @@ int mend_cpu_editor_layer_backward(float* ga, const float* g, const float* pre, 
  */
 int mend_cuda_rank_update(void* w, int dtype, int64_t M, int64_t N, int64_t ldw, const float* a,
                           const float* b, int64_t K, float scale, uintptr_t stream);
+
+/*
+ * mend_cuda_rank_update on `count` weights of any shapes and dtypes in ONE kernel launch: a flat grid
+ * over all weights' 64 x 64 tiles, each block looking up its weight. `descs` is a HOST array (its
+ * pointers are device pointers); it is passed by value in the kernel parameters, so it may be freed
+ * when this returns. Lists longer than MEND_CUDA_RANK_UPDATE_MAX_BATCH descriptors are split into
+ * consecutive launches of that many. The weights must not overlap each other.
+ * Requires count >= 1, a non-null `descs` and every descriptor valid as for mend_cuda_rank_update;
+ * otherwise returns cudaErrorInvalidValue before any launch.
+ */
+#define MEND_CUDA_RANK_UPDATE_MAX_BATCH 32
+int mend_cuda_rank_update_batched(const mend_rank_update_desc* descs, int64_t count, uintptr_t stream);
 
 /*
  * Same semantics as mend_cpu_running_moments, except: `count` is a device pointer to the int64
