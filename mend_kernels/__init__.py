@@ -8,7 +8,7 @@ Quick start::
     handle.revert()                                              # restores the weights bit for bit
 """
 
-from . import data, metrics, ops, train
+from . import data, functional, integrations, metrics, ops, train
 from .capture import RowCapture, capture_edit_rows
 from .edit import EditHandle, WeightEdit, apply_edits, load_edits, save_edits
 from .editor import EditorConfig, MENDEditor, ShapeGroupEditor
@@ -21,9 +21,10 @@ from .errors import (
     StaleEditError,
     TargetError,
 )
+from .functional import broadcast_edits, capture_rows, temporarily_edited
 from .losses import token_nll
 from .requests import encode_requests
-from .targets import PRESETS, EditTarget, resolve_targets
+from .targets import PRESETS, EditTarget, resolve_targets, unwrap_model
 from .train import MetaTrainer, TrainConfig
 
 __version__ = "0.1.0"
@@ -48,14 +49,20 @@ __all__ = [
     "WeightEdit",
     "__version__",
     "apply_edits",
+    "broadcast_edits",
     "capture_edit_rows",
+    "capture_rows",
     "data",
     "encode_requests",
+    "functional",
+    "integrations",
     "load_edits",
     "metrics",
     "ops",
     "resolve_targets",
     "save_edits",
+    "temporarily_edited",
     "token_nll",
     "train",
+    "unwrap_model",
 ]

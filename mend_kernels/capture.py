@@ -119,6 +119,10 @@ class RowCapture:
         delta = torch.cat([call.delta for call in calls])
         return u, delta
 
+    def all_rows(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(u, delta) of every captured weight, by name: the input of :meth:`MENDEditor.forward`."""
+        return {name: self.rows(name) for name in self.targets}
+
 
 def _activation_checkpointing(model: nn.Module) -> bool:
     # transformers renamed is_gradient_checkpointing to is_activation_checkpointing (v5)
@@ -138,4 +142,4 @@ def capture_edit_rows(
         if not loss.requires_grad:
             raise TargetError("none of the edited layers is on the path of the edit loss")
         loss.backward()
-    return {target.name: capture.rows(target.name) for target in targets}
+    return capture.all_rows()

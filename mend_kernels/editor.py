@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from .capture import capture_edit_rows
 from .edit import EditHandle, WeightEdit, apply_edits
 from .errors import CheckpointError, InvalidInputError, TargetError
 from .requests import encode_requests, is_encoder_decoder, make_batch
-from .targets import EditTarget, check_model_has_targets, is_causal_lm, resolve_targets
+from .targets import EditTarget, check_model_has_targets, is_causal_lm, resolve_targets, unwrap_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "editor.safetensors"
@@ -311,8 +311,10 @@ class MENDEditor(nn.Module):
         """The edit of each weight for the given requests, without changing the model.
 
         Gradients flow from the returned factors and step sizes to the editor's parameters, so this
-        is also the building block of meta-training.
+        is also the building block of meta-training. A model wrapped by torch.compile or
+        DistributedDataParallel is edited through the model it wraps (the capture runs eagerly).
         """
+        model = unwrap_model(model)
         check_model_has_targets(model, self.config.targets)
         if prompts is not None or targets is not None:
             if input_ids is not None or labels is not None:
@@ -326,11 +328,30 @@ class MENDEditor(nn.Module):
         if input_ids is None or labels is None:
             raise InvalidInputError("an edit needs input_ids and labels (or prompts, targets and a tokenizer)")
         batch = make_batch(model, input_ids, attention_mask, labels, shift_labels=self.config.shift_labels)
-        rows = capture_edit_rows(model, self.config.targets, batch, shift_labels=self.config.shift_labels)
+        return self(capture_edit_rows(model, self.config.targets, batch, shift_labels=self.config.shift_labels))
+
+    def forward(self, rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[WeightEdit]:
+        """The edits for captured rows: ``{weight name: (u, delta)}`` -> one WeightEdit per weight.
+
+        The editor is a plain ``nn.Module``: call it on rows captured for any loss (for example with
+        :func:`mend_kernels.functional.capture_rows`), and train it with any loss and optimizer, since
+        gradients flow from the returned factors and step sizes to its parameters. Rows may cover a
+        subset of the editor's weights; edits come in the editor's target order.
+
+        Example:
+            >>> with capture_rows(model, editor.targets) as capture:             # doctest: +SKIP
+            ...     my_loss(model(ids)).backward()
+            >>> edits = editor(capture.all_rows())                                # doctest: +SKIP
+        """
+        if not rows:
+            raise InvalidInputError("rows is empty: pass {weight name: (u, delta)} for at least one edited weight")
+        for name in rows:
+            self._slot(name)  # an unknown name raises TargetError with the closest edited weights
         edits = []
         for target in self.config.targets:
-            u_tilde, delta_tilde = self.pseudo_factors(target.name, *rows[target.name])
-            edits.append(WeightEdit(target.name, target.layout, u_tilde, delta_tilde, self.step_size(target.name)))
+            if target.name in rows:
+                u_tilde, delta_tilde = self.pseudo_factors(target.name, *rows[target.name])
+                edits.append(WeightEdit(target.name, target.layout, u_tilde, delta_tilde, self.step_size(target.name)))
         return edits
 
     def edit(
@@ -358,6 +379,7 @@ class MENDEditor(nn.Module):
                 bit for bit; without it ``revert()`` subtracts the update (exact up to rounding).
             backend: backend of the in-place update (default: best available).
         """
+        model = unwrap_model(model)
         statistics = {name: buffer.clone() for name, buffer in self.named_buffers()}
         try:
             with torch.no_grad():

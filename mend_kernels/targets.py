@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule  # torch.compile's wrapper (it has no public name)
 
 from .errors import TargetError
 
@@ -142,6 +143,21 @@ def _conv1d_class() -> type | None:
     except ImportError:  # transformers is optional for plain nn.Linear models
         return None
     return Conv1D
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile and DistributedDataParallel wrappers (which prefix parameter names).
+
+    Editing works on the unwrapped model: it shares its parameters with the wrappers, so an in-place
+    edit is seen through them too.
+    """
+    while True:
+        if isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 def module_and_layout(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:
