@@ -17,7 +17,6 @@ time >= max(bytes / 3.35 TB/s, FLOPs / 67 TFLOP/s fp32) for the fused forward + 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -79,19 +78,10 @@ def memory_probe(provider: str, rows: int) -> int:
     return peak_rss_bytes() - baseline
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="16 and 256 rows only")
-    parser.add_argument("--csv", help="write long-format rows to this CSV file")
-    parser.add_argument("--memory-probe", nargs=2, metavar=("PROVIDER", "ROWS"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.memory_probe:
-        provider, rows = args.memory_probe
-        print(memory_probe(provider, int(rows)))
-        return 0
-
+def run(quick: bool) -> list[dict]:
+    """Measure, print the table, return long-format records."""
     records, table = [], []
-    for rows in (16, 256) if args.quick else ROWS:
+    for rows in (16, 256) if quick else ROWS:
         calls = providers(*operands(rows))
         times = {name: median_seconds(call, warmup=2, repeats=5) for name, call in calls.items()}
         moved, flops, h100_us = gpu_estimate_us(rows)
@@ -110,9 +100,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"editor_mlp forward + backward on this CPU ({torch.get_num_threads()} threads); 'vs eager' = eager time / time")
     print("(higher is better); GFLOP/s of the GEMMs; peak extra memory of one call in MiB; H100 column: estimate")
     print_table(["case", "provider", "median ms", "vs eager", "GFLOP/s", "peak extra MiB", "H100 est. us"], table)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="16 and 256 rows only")
+    parser.add_argument("--csv", help="write long-format rows to this CSV file")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("PROVIDER", "ROWS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        provider, rows = args.memory_probe
+        print(memory_probe(provider, int(rows)))
+        return 0
+    records = run(args.quick)
     if args.csv:
         write_csv(records, args.csv)
-    print(json.dumps({"rows": len(records)}))
     return 0
 
 

@@ -14,7 +14,6 @@ measurements: time >= max(bytes / 3.35 TB/s, FLOPs / 67 TFLOP/s fp32).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -115,20 +114,11 @@ def memory_probe(provider: str, out_features: int, in_features: int, rows: int) 
     return peak_rss_bytes() - baseline
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="K = 64 only")
-    parser.add_argument("--csv", help="write long-format rows to this CSV file")
-    parser.add_argument("--memory-probe", nargs=4, metavar=("PROVIDER", "OUT", "IN", "ROWS"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.memory_probe:
-        provider, *sizes = args.memory_probe
-        print(memory_probe(provider, *map(int, sizes)))
-        return 0
-
+def run(quick: bool) -> list[dict]:
+    """Measure, print the table, return long-format records."""
     rows_out, table = [], []
     for out_features, in_features in SHAPES:
-        for rows in (64,) if args.quick else ROWS:
+        for rows in (64,) if quick else ROWS:
             weight, u, delta = operands(out_features, in_features, rows)
             spare = torch.empty_like(weight)
             times = {name: median_seconds(call) for name, call in providers(weight, u, delta, spare).items()}
@@ -154,9 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rank_update_ / rank_updates_ on this CPU ({torch.get_num_threads()} threads); 'vs eager' = eager time / time (higher is better),")
     print("'vs copy' = time / copy time (1.0 is the memory floor); peak extra memory as a share of W; H100 column: estimate")
     print_table(["case", "provider", "median ms", "vs eager", "vs copy", "peak extra / W", "H100 est. us"], table)
+    return rows_out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="K = 64 only")
+    parser.add_argument("--csv", help="write long-format rows to this CSV file")
+    parser.add_argument("--memory-probe", nargs=4, metavar=("PROVIDER", "OUT", "IN", "ROWS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        provider, *sizes = args.memory_probe
+        print(memory_probe(provider, *map(int, sizes)))
+        return 0
+    records = run(args.quick)
     if args.csv:
-        write_csv(rows_out, args.csv)
-    print(json.dumps({"rows": len(rows_out)}))
+        write_csv(records, args.csv)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import platform
 import statistics
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+REPOSITORY = Path(__file__).resolve().parents[1]  # benchmarks run as modules of the source checkout
 CSV_FIELDS = ("benchmark", "provider", "case", "metric", "value", "machine", "versions", "git_revision")
 
 
@@ -30,16 +32,64 @@ def median_seconds(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 
 
 def peak_rss_bytes() -> int:
     """The process's peak resident set size so far (Linux VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not available: peak-memory measurement needs Linux")
+    return _rss_field("VmHWM")
 
 
 def run_isolated(module: str, *args: str) -> str:
-    """Run ``python -m module args`` in a fresh process (a clean peak-RSS counter) and return stdout."""
-    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=True)
+    """Run ``python -m module args`` in a fresh process (a clean peak-RSS counter) and return stdout.
+
+    glibc's malloc is told to map every allocation above 64 KiB separately: otherwise its dynamic
+    threshold keeps freed tensors in the heap, and a later allocation reuses them without raising
+    the peak, so a warm-up run would hide the measured run's memory.
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, check=True, env=env, cwd=REPOSITORY
+    )
     return result.stdout.strip()
+
+
+def _rss_field(name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{name} not available: memory measurement needs Linux")
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS (VmHWM) window at the current RSS (Linux: clear_refs 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def allocator_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of tensor memory allocated by ``fn`` above what was live when it started.
+
+    From the profiler's allocator events ([memory]: +bytes on allocation, -bytes on free), so it
+    counts tensors only, not the interpreter, BLAS scratch or allocator slack (the process peak does).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def memory_of_call(fn: Callable[[], object]) -> dict[str, int]:
+    """Process peak (RSS above the start) and allocator peak of one call of ``fn``, after a warm-up call.
+
+    Meant for a fresh process started by :func:`run_isolated`.
+    """
+    fn()  # one-time costs (thread pools, lazily built kernels) are not the call's memory
+    reset_peak_rss()
+    start = _rss_field("VmRSS")
+    fn()
+    process_peak = _rss_field("VmHWM") - start
+    return {"process_peak_bytes": process_peak, "allocator_peak_bytes": allocator_peak_bytes(fn)}
 
 
 def git_revision() -> str:

@@ -119,7 +119,28 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(arguments: list[str]) -> int:
+    """The benchmarks live in the source checkout (benchmarks/ beside the package), not in the wheel."""
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "benchmarks" / "run.py").is_file():
+        print(
+            "mend-kernels bench runs the benchmarks of a source checkout, which this installation is not: "
+            "clone the repository and `pip install --no-build-isolation -e .` there",
+            file=sys.stderr,
+        )
+        return 2
+    sys.path.insert(0, str(checkout))
+    from benchmarks.run import main as run_benchmarks
+
+    return run_benchmarks(arguments)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options belong to benchmarks.run
+        return _run_bench(argv[1:])
     parser = argparse.ArgumentParser(prog="mend-kernels", description="Fast, memory-lean MEND model editing.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print versions and which backends are available, and why not")
@@ -135,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--editor", required=True, help="directory of a saved editor (e.g. OUT/best)")
     evaluate.add_argument("--eval-edits", type=int, help="number of held-out edits to evaluate (default 200)")
     evaluate.add_argument("--json", help="also write the table to this JSON file")
+    commands.add_parser("bench", add_help=False,
+                        help="run the benchmarks of a source checkout (mend-kernels bench --help for options)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
