@@ -59,7 +59,7 @@ class RowCapture:
         self.model = model
         self.targets = {target.name: target for target in targets}
         self._calls: dict[str, list[_Call]] = {name: [] for name in self.targets}
-        self._patched: list[nn.Module] = []
+        self._patched: list[tuple[nn.Module, str, object]] = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
 
     def __enter__(self) -> RowCapture:
@@ -70,22 +70,28 @@ class RowCapture:
             )
         layers = {name: module_and_layout(self.model, name) for name in self.targets}
         for name, (module, _) in layers.items():
-            if "forward" in module.__dict__:  # e.g. accelerate's dispatch hooks own it: do not bypass them
+            if "forward" in module.__dict__ and not _accelerate_hooked(module):  # do not bypass someone's forward
                 raise InvalidInputError(
-                    f"the module of {name} already has an instance-level forward (accelerate dispatch or a "
-                    "nested capture / lowrank_edited); row capture cannot replace it"
+                    f"the module of {name} already has an instance-level forward (a nested capture / "
+                    "lowrank_edited or a foreign wrapper); row capture cannot replace it"
                 )
         self._frozen = [(p, p.requires_grad) for p in self.model.parameters()]
         for parameter, _ in self._frozen:
             parameter.requires_grad_(False)
         for name, (module, layout) in layers.items():
-            module.forward = partial(self._captured_forward, name, module, layout)
-            self._patched.append(module)
+            # accelerate's dispatch hooks own ``forward``: they move weights and inputs to the execution
+            # device, then call ``_old_forward``. Capturing there keeps the hooks (and offloading) working.
+            attribute = "_old_forward" if _accelerate_hooked(module) else "forward"
+            self._patched.append((module, attribute, module.__dict__.get(attribute)))
+            setattr(module, attribute, partial(self._captured_forward, name, module, layout))
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for module in self._patched:
-            del module.forward
+        for module, attribute, original in self._patched:
+            if original is None:
+                delattr(module, attribute)
+            else:
+                setattr(module, attribute, original)
         self._patched.clear()
         for parameter, requires_grad in self._frozen:
             parameter.requires_grad_(requires_grad)
@@ -122,6 +128,11 @@ class RowCapture:
     def all_rows(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(u, delta) of every captured weight, by name: the input of :meth:`MENDEditor.forward`."""
         return {name: self.rows(name) for name in self.targets}
+
+
+def _accelerate_hooked(module: nn.Module) -> bool:
+    """Whether accelerate's ``add_hook_to_module`` wrapped the module's forward (device_map, offload)."""
+    return hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__
 
 
 def _activation_checkpointing(model: nn.Module) -> bool:

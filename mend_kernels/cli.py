@@ -137,6 +137,17 @@ def _run_bench(arguments: list[str]) -> int:
     return run_benchmarks(arguments)
 
 
+def _run_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from .memory import estimate, format_estimates, load_config
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    config = load_config(args.config)
+    print(format_estimates(estimate(config, dtype=dtype, tokens=args.tokens, edits=args.edits, rank=args.rank)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its options belong to benchmarks.run
@@ -156,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--editor", required=True, help="directory of a saved editor (e.g. OUT/best)")
     evaluate.add_argument("--eval-edits", type=int, help="number of held-out edits to evaluate (default 200)")
     evaluate.add_argument("--json", help="also write the table to this JSON file")
+    memory = commands.add_parser("memory", help="predict the peak memory of an edit and of a meta-training step")
+    memory.add_argument("--config", required=True, help="checkpoint directory, config.json, or a JSON string")
+    memory.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16", help="dtype of the weights")
+    memory.add_argument("--tokens", type=int, default=24, help="tokens per edit request")
+    memory.add_argument("--edits", type=int, default=1, help="edit requests edited together")
+    memory.add_argument("--rank", type=int, default=1920, help="rank of the editor's low-rank layers")
     commands.add_parser("bench", add_help=False,
                         help="run the benchmarks of a source checkout (mend-kernels bench --help for options)")
     args = parser.parse_args(argv)
@@ -164,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train" and not args.out:
         parser.error("train needs --out DIR")
-    return {"demo": _run_demo, "train": _run_train, "eval": _run_eval}[args.command](args)
+    return {"demo": _run_demo, "train": _run_train, "eval": _run_eval, "memory": _run_memory}[args.command](args)
 
 
 if __name__ == "__main__":
