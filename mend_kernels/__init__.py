@@ -24,7 +24,6 @@ from .errors import (
 from .functional import broadcast_edits, capture_rows, temporarily_edited
 from .losses import token_nll
 from .requests import encode_requests
-from .streaming import StreamedModel, load_with_deltas
 from .targets import PRESETS, EditTarget, resolve_targets, unwrap_model
 from .train import MetaTrainer, TrainConfig
 
@@ -45,7 +44,6 @@ __all__ = [
     "RowCapture",
     "ShapeGroupEditor",
     "StaleEditError",
-    "StreamedModel",
     "TargetError",
     "TrainConfig",
     "WeightEdit",
@@ -59,7 +57,6 @@ __all__ = [
     "functional",
     "integrations",
     "load_edits",
-    "load_with_deltas",
     "metrics",
     "ops",
     "resolve_targets",

@@ -12,8 +12,9 @@ transformer block. Four approaches are estimated:
 - ``reference edit`` (the reference code's pattern, benchmarks/naive.py): every weight requires grad,
   so the backward runs through all blocks and forms a gradient of the size of the model, and each
   edited weight gets a dense pseudo-gradient and a new dense weight.
-- the meta-training step of both: editor, its gradients and Adam's two moments in fp32; the package
-  keeps the edit as a low-rank side path, the reference keeps the dense edited weights for backward.
+- the meta-training step of each: editor, its gradients and Adam's two moments in fp32; the package
+  keeps the edit as a low-rank side path (streamed: :class:`~mend_kernels.streaming.StreamedMetaTrainer`),
+  the reference keeps the dense edited weights for backward.
 
 Validated against measured tensor-allocator peaks at small sizes (tests/test_memory_estimator.py).
 
@@ -188,6 +189,9 @@ def estimate_meta_training_step(facts: ModelFacts, *, tokens: int, edits: int = 
     package_top = 3 * upper + 3 * _rows(facts, n) + 4 * _logits(facts, n)
     package = (Estimate("mend_kernels meta-training step").add("weights", facts.parameter_bytes)
                .add("editor and Adam state", editor_state).add("activations and rows", package_top))
+    streamed = (Estimate("mend_kernels streamed meta-training step").add("resident weights", facts.resident_bytes)
+                .add("one streamed block", facts.block_bytes).add("editor and Adam state", editor_state)
+                .add("activations and rows", package_top))
     kept, pseudo_gradient = _dense_updates(facts)
     every_block = _block_activations(facts, n, tokens) * facts.n_blocks
     dense_kept = kept + sum(t.n_in * t.n_out for t in facts.targets) * 4  # W~ and fp32 pseudo-gradient per weight
@@ -195,12 +199,12 @@ def estimate_meta_training_step(facts: ModelFacts, *, tokens: int, edits: int = 
                  .add("editor and Adam state", editor_state).add("weight gradients", facts.parameter_bytes)
                  .add("dense edited weights", dense_kept + 2 * pseudo_gradient)
                  .add("activations and rows", 2 * every_block + 3 * _rows(facts, n) + 4 * _logits(facts, n)))
-    return [package, reference]
+    return [package, streamed, reference]
 
 
 def estimate(config, *, dtype: torch.dtype = torch.bfloat16, tokens: int = 24, edits: int = 1,
              rank: int = 1920, inner_params=None) -> list[Estimate]:
-    """Every estimate for ``config``: the three edit approaches, then the two meta-training steps."""
+    """Every estimate for ``config``: the three edit approaches, then the three meta-training steps."""
     if tokens < 1 or edits < 1:
         raise InvalidInputError(f"tokens and edits must be >= 1, got {tokens} and {edits}")
     facts = model_facts(config, dtype, inner_params)

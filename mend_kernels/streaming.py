@@ -6,9 +6,10 @@ from its config with every parameter on the meta device, then
 
 - the edited blocks and everything outside the block list (embeddings, final norm, LM head) are
   read into memory (memory-mapped, copy-on-write) and stay resident;
-- each block below the lowest edited block is read just before it runs and dropped right after
-  (forward hooks), so at most one of them is in memory. They need no autograd graph: the row
-  capture freezes every weight and their input needs no gradient.
+- each block below the lowest edited block is read just before it runs and dropped right after,
+  so at most one of them is in memory. They need no autograd graph: the row capture freezes every
+  weight and their input needs no gradient. For meta-training, :class:`StreamedMetaTrainer` runs
+  each step's batches through them together, once, and the step's forwards start above them.
 
 The model's own forward runs unchanged (its attention masks, rotary embeddings and head), so the
 editor, :class:`~mend_kernels.capture.RowCapture` and :class:`~mend_kernels.train.MetaTrainer` work
@@ -35,6 +36,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,6 +45,7 @@ from torch import nn
 from .edit import WeightEdit, apply_edits, load_edits, save_edits
 from .errors import CheckpointError, InvalidInputError, TargetError
 from .targets import EditTarget, resolve_targets
+from .train import MetaTrainer
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -176,7 +179,8 @@ class StreamedModel:
     """A causal LM of a checkpoint directory whose blocks below the lowest edited one are streamed.
 
     Use :meth:`open`; ``streamed.model`` is a regular transformers model (eval mode) to edit or
-    meta-train. Close it (or use ``with``) to remove the streaming hooks.
+    meta-train. Its streamed blocks run through :meth:`_run_block` (an instance-level forward: they
+    are never edited or captured). Close it (or use ``with``) to undo that.
     """
 
     def __init__(self, model: nn.Module, checkpoint: SafetensorsCheckpoint, targets: list[EditTarget],
@@ -186,12 +190,15 @@ class StreamedModel:
         self.targets = targets
         self.streamed_blocks = streamed_blocks
         self._keys = _checkpoint_keys(model, checkpoint)
-        self._hooks = []
-        for block_name in streamed_blocks:
+        self._pending: dict[bytes, dict[str, torch.Tensor]] = {}  # batches to precompute together
+        self._cache: dict[bytes, object] = {}  # batch key -> output of the last streamed block
+        self._batch: bytes | None = None  # key of the batch the model is running on
+        self._recording = False
+        self._hooks = [model.register_forward_pre_hook(self._note_batch, with_kwargs=True),
+                       model.register_forward_hook(self._forget_batch, always_call=True)]
+        for block_name in streamed_blocks:  # the model's loop calls them; they are never edited or captured
             block = model.get_submodule(block_name)
-            load = block.register_forward_pre_hook(lambda module, args, name=block_name: self._load(name))
-            drop = block.register_forward_hook(lambda module, args, output, name=block_name: self._drop(name))
-            self._hooks += [load, drop]
+            block.forward = partial(self._run_block, block_name, block)
         resident = [name for name, _ in _parameters_and_buffers(model) if not _under(name, streamed_blocks)]
         self._assign(resident)
 
@@ -213,15 +220,71 @@ class StreamedModel:
         return cls(model, checkpoint, targets, [f"{blocks_name}.{index}" for index in range(lowest)])
 
     def close(self) -> None:
+        """Remove the streaming from the model's blocks (the model stays usable only for resident work)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for block_name in self.streamed_blocks:
+            self.model.get_submodule(block_name).__dict__.pop("forward", None)
+        self._cache.clear()
 
     def __enter__(self) -> StreamedModel:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    # ---------------------------------------------------------------------------- running blocks
+    def expect(self, batch: dict[str, torch.Tensor]) -> None:
+        """Announce a batch the model will run on: at the first forward that misses the cache, every
+        announced batch passes the streamed blocks together (each block read once for all of them),
+        and later forwards on them skip the streamed blocks. Used by :class:`StreamedMetaTrainer`."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        self._pending[_batch_key(**inputs)] = inputs
+
+    def _note_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._batch = _batch_key(input_ids, kwargs.get("attention_mask")) if input_ids is not None else None
+
+    def _forget_batch(self, *unused) -> None:  # a call of an inner module alone is never taken for a cached batch
+        self._batch = None
+
+    def _run_block(self, block_name: str, block: nn.Module, *args, **kwargs):
+        if self._recording:  # precomputing: the first block's inputs are what the model prepared for it
+            raise _BlockInputs(args, kwargs)
+        if self._batch in self._pending and block_name == self.streamed_blocks[0]:
+            self._precompute()
+        if self._batch in self._cache:  # every streamed block passes on the last one's output
+            return self._cache[self._batch]
+        self._load(block_name)
+        try:
+            return type(block).forward(block, *args, **kwargs)
+        finally:
+            self._drop(block_name)
+
+    def _precompute(self) -> None:
+        """Run the announced batches through the streamed blocks, one block at a time, without autograd."""
+        running, inputs, outputs = self._batch, {}, {}
+        with torch.no_grad():
+            for key, batch in self._pending.items():
+                self._recording = True
+                try:
+                    self.model(**batch)
+                except _BlockInputs as first:
+                    inputs[key] = (first.args, first.kwargs)
+                finally:
+                    self._recording = False
+            for block_name in self.streamed_blocks:
+                self._load(block_name)
+                block = self.model.get_submodule(block_name)
+                try:
+                    for key, (args, kwargs) in inputs.items():
+                        outputs[key] = type(block).forward(block, *args, **kwargs)
+                        inputs[key] = _with_hidden_states(args, kwargs, outputs[key])
+                finally:
+                    self._drop(block_name)
+        self._pending.clear()
+        self._cache, self._batch = outputs, running
 
     # ---------------------------------------------------------------------------- loading blocks
     def _load(self, block_name: str) -> None:
@@ -267,6 +330,27 @@ class StreamedModel:
             handle.revert()
             raise
         self.checkpoint = SafetensorsCheckpoint.open(self.checkpoint.directory)
+
+
+class _BlockInputs(Exception):
+    """Stops a forward at the first streamed block, carrying the arguments the model passed it."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__("first streamed block reached")
+        self.args, self.kwargs = args, kwargs
+
+
+def _batch_key(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> bytes:
+    parts = [input_ids] + ([attention_mask] if attention_mask is not None else [])
+    return b"|".join(repr(tuple(t.shape)).encode() + t.detach().cpu().numpy().tobytes() for t in parts)
+
+
+def _with_hidden_states(args: tuple, kwargs: dict, output) -> tuple[tuple, dict]:
+    """The next block's arguments: the same, with the hidden states replaced by this block's output."""
+    hidden = output[0] if isinstance(output, tuple) else output
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 def _skeleton(directory: Path, dtype: torch.dtype | None, checkpoint: SafetensorsCheckpoint,
@@ -357,6 +441,28 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     else:
         module._buffers[leaf] = value
+
+
+class StreamedMetaTrainer(MetaTrainer):
+    """:class:`~mend_kernels.train.MetaTrainer` for a :class:`StreamedModel`: the frozen lower blocks
+    run once per step, for the edit, paraphrase and locality batches together, block by block and
+    without autograd; the step's four forwards then start at the lowest edited block.
+
+    Example:
+        >>> with StreamedModel.open("llama-13b/") as streamed:                                   # doctest: +SKIP
+        ...     editor = MENDEditor.for_model(streamed.model)
+        ...     StreamedMetaTrainer(streamed, editor, tokenizer, train, val, TrainConfig()).fit()
+    """
+
+    def __init__(self, streamed: StreamedModel, editor, tokenizer, train_examples, val_examples, config=None,
+                 out_dir=None):
+        super().__init__(streamed.model, editor, tokenizer, train_examples, val_examples, config, out_dir)
+        self.streamed = streamed
+
+    def _encode(self, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+        batch = super()._encode(prompts, targets)
+        self.streamed.expect(batch)
+        return batch
 
 
 # ------------------------------------------------------------------------------------ writing back

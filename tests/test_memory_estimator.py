@@ -83,7 +83,8 @@ def test_memory_command_prints_every_approach(tmp_path, capsys):
     assert cli_main(["memory", "--config", str(tmp_path), "--dtype", "bf16", "--tokens", "16", "--edits", "2"]) == 0
     output = capsys.readouterr().out
     for approach in ("mend_kernels edit", "mend_kernels streamed edit", "reference edit",
-                     "mend_kernels meta-training step", "reference meta-training step"):
+                     "mend_kernels meta-training step", "mend_kernels streamed meta-training step",
+                     "reference meta-training step"):
         assert approach in output
     inline = json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2})
     assert cli_main(["memory", "--config", inline]) == 0

@@ -62,17 +62,27 @@ def test_streamed_edit_equals_in_memory_edit(tmp_path, kind):
     _assert_same_weights(_reload(directory), model)
 
 
-def test_only_one_lower_block_is_resident_at_a_time(tmp_path):
+def _count_block_reads(streamed, monkeypatch) -> list[int]:
+    """Per read of a streamed block: how many streamed blocks were resident just before it."""
+    blocks = [streamed.model.get_submodule(name) for name in streamed.streamed_blocks]
+    resident_before_read = []
+    real_load = streamed._load
+
+    def counting_load(block_name):
+        resident_before_read.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in blocks))
+        real_load(block_name)
+
+    monkeypatch.setattr(streamed, "_load", counting_load)
+    return resident_before_read
+
+
+def test_only_one_lower_block_is_resident_at_a_time(tmp_path, monkeypatch):
     model, directory, editor = _checkpoint(tmp_path, "llama")
     with StreamedModel.open(directory, inner_params=["model.layers.3.mlp.down_proj.weight"]) as streamed:
-        blocks = [streamed.model.get_submodule(name) for name in streamed.streamed_blocks]
-        resident_counts = []
-        for block in blocks:
-            block.register_forward_pre_hook(lambda *_: resident_counts.append(  # after the loading hook
-                sum(any(p.device.type != "meta" for p in b.parameters()) for b in blocks)))
+        resident_before_read = _count_block_reads(streamed, monkeypatch)
         with torch.no_grad():
             logits = streamed.model(input_ids=edit_batch("llama")["input_ids"]).logits
-    assert resident_counts == [1, 1, 1]
+    assert resident_before_read == [0, 0, 0]  # each block read after the previous one was dropped
     torch.testing.assert_close(logits, model(input_ids=edit_batch("llama")["input_ids"]).logits)
 
 
@@ -86,13 +96,15 @@ def test_single_file_checkpoint_is_edited_in_place(tmp_path):
     _assert_same_weights(_reload(directory), model)
 
 
-def test_meta_training_on_a_streamed_model_equals_in_memory(tmp_path):
-    """MetaTrainer runs unchanged on ``streamed.model``: the frozen lower blocks are streamed."""
+def test_meta_training_on_a_streamed_model_equals_in_memory(tmp_path, monkeypatch):
+    """MetaTrainer runs unchanged on ``streamed.model`` (every forward streams the lower blocks);
+    StreamedMetaTrainer gives the same steps with one pass over the lower blocks per step."""
     from mend_kernels.data import make_world, train_word_tokenizer
+    from mend_kernels.streaming import StreamedMetaTrainer
 
     world = make_world(n_people=12, seed=0)
     tokenizer = train_word_tokenizer(world.sentences())
-    config = transformers.LlamaConfig(num_hidden_layers=4, hidden_size=24, intermediate_size=40, num_attention_heads=2,
+    config = transformers.LlamaConfig(num_hidden_layers=5, hidden_size=24, intermediate_size=40, num_attention_heads=2,
                                       num_key_value_heads=2, vocab_size=len(tokenizer))
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
@@ -100,13 +112,18 @@ def test_meta_training_on_a_streamed_model_equals_in_memory(tmp_path):
     editor = mk.MENDEditor.for_model(model, rank=8)
     train, val = world.edit_examples("train", 4, heldout=False), world.edit_examples("val", 1, heldout=True)
     settings = mk.TrainConfig(n_edits=1, accumulate=1, seed=0)
-    want = mk.MetaTrainer(model, copy.deepcopy(editor), tokenizer, train, val, settings)
-    with StreamedModel.open(tmp_path) as streamed:
-        got = mk.MetaTrainer(streamed.model, editor, tokenizer, train, val, settings)
+    trainers = [mk.MetaTrainer(model, copy.deepcopy(editor), tokenizer, train, val, settings)]
+    with StreamedModel.open(tmp_path) as plain, StreamedModel.open(tmp_path) as precomputed:
+        trainers.append(mk.MetaTrainer(plain.model, copy.deepcopy(editor), tokenizer, train, val, settings))
+        trainers.append(StreamedMetaTrainer(precomputed, editor, tokenizer, train, val, settings))
+        reads = _count_block_reads(precomputed, monkeypatch)
         for _ in range(2):
-            assert got.train_step().loss == pytest.approx(want.train_step().loss, rel=1e-5)
-    for a, b in zip(got.editor.parameters(), want.editor.parameters()):
-        torch.testing.assert_close(a, b)
+            want, *got = [trainer.train_step().loss for trainer in trainers]
+            assert got == pytest.approx([want, want], rel=1e-5)
+    assert len(reads) == 2 * len(precomputed.streamed_blocks)  # one pass per step, not one per forward
+    for trainer in trainers[1:]:
+        for a, b in zip(trainer.editor.parameters(), trainers[0].editor.parameters()):
+            torch.testing.assert_close(a, b)
 
 
 # ------------------------------------------------------------------------------ atomic write-back
