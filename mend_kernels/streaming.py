@@ -211,7 +211,8 @@ class StreamedModel:
 
         ``inner_params`` names the edited weights (default: the preset's, e.g. the MLPs of the last
         3 blocks); they must be in one block list (``model.layers``, ``transformer.h``). ``dtype``
-        defaults to the stored dtype of the first edited weight. Nothing on disk is changed.
+        defaults to the stored dtype of the first of ``inner_params`` (else of the checkpoint's
+        first tensor by name). Nothing on disk is changed.
         """
         checkpoint = SafetensorsCheckpoint.open(directory)
         model = _skeleton(checkpoint.directory, dtype, checkpoint, inner_params)
@@ -244,7 +245,9 @@ class StreamedModel:
 
     def _note_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._batch = _batch_key(input_ids, kwargs.get("attention_mask")) if input_ids is not None else None
+        incremental = kwargs.get("past_key_values") is not None or kwargs.get("use_cache")  # generation
+        cacheable = input_ids is not None and not incremental
+        self._batch = _batch_key(input_ids, kwargs.get("attention_mask")) if cacheable else None
 
     def _forget_batch(self, *unused) -> None:  # a call of an inner module alone is never taken for a cached batch
         self._batch = None
@@ -372,6 +375,7 @@ def _skeleton(directory: Path, dtype: torch.dtype | None, checkpoint: Safetensor
         except ValueError as exc:
             raise CheckpointError(f"{directory}: the config is not that of a causal LM: {exc}") from exc
     model.tie_weights()  # on the meta device the tied head is its own parameter until tied again
+    model.config.use_cache = False  # editing and training need no key/value cache (and streaming skips blocks)
     return model.eval()
 
 
