@@ -23,7 +23,7 @@ from torch import nn
 from . import ops
 from ._checks import check_finite, check_tensor
 from .errors import CheckpointError, InvalidInputError, StaleEditError, TargetError
-from .targets import module_and_layout
+from .targets import module_and_layout, unwrap_model
 
 
 @dataclass
@@ -160,7 +160,11 @@ def apply_edits(
     keep_original: bool = True,
     backend: str | None = None,
 ) -> EditHandle:
-    """Apply edits in place and return their handle. Every edit is checked before any weight changes."""
+    """Apply edits in place and return their handle. Every edit is checked before any weight changes.
+
+    A model wrapped by torch.compile or DistributedDataParallel is edited through the model it wraps
+    (they share the parameters)."""
+    model = unwrap_model(model)
     params = dict(model.named_parameters())
     weights = {edit.name: _check_edit(model, edit, params) for edit in edits}
     if len(weights) != len(edits):
@@ -195,6 +199,7 @@ def lowrank_edited(model: nn.Module, edits: Sequence[WeightEdit], *, backend: st
     dense update and no copy of a weight. The module's class and hooks are untouched; only its
     ``forward`` is replaced on the instance and restored on exit, also on an exception.
     """
+    model = unwrap_model(model)
     patched: list[nn.Module] = []
     try:
         for edit in edits:

@@ -111,6 +111,24 @@ def test_rows_sum_to_the_true_weight_gradient(kind):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_lm_head_runs_only_on_the_positions_the_loss_reads(kind, monkeypatch):
+    model = make_model(kind)
+    targets = mk.resolve_targets(model)
+    tokens = edit_batch(kind, length=9)
+    tokens["labels"][:, :6] = -100  # targets are the last 3 tokens: the loss reads logits 5..8
+    batch = _batch(model, tokens)
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    rows = _capture(model, targets, batch)
+    monkeypatch.setattr("mend_kernels.capture._scored_logits", lambda *args: None)  # the whole prompt
+    full = _capture(model, targets, batch)
+    assert seen == [4, 9]
+    for name in rows:
+        for kept, everything in zip(rows[name], full[name]):
+            torch.testing.assert_close(kept, everything, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_rows_give_the_gradient_with_padding(kind):
     model = make_model(kind)
     targets = mk.resolve_targets(model)

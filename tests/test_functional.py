@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import mend_kernels as mk
 import mend_kernels.functional as mkf
+from mend_kernels.edit import lowrank_edited
 from conftest import edit_batch, make_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -241,6 +242,13 @@ def test_edit_of_a_compiled_model_equals_the_eager_edit():
         assert torch.equal(a.u, b.u) and torch.equal(a.delta, b.delta) and torch.equal(a.scale, b.scale)
     assert all(torch.equal(p, q) for p, q in zip(eager.parameters(), compiled_inner.parameters()))
     torch.testing.assert_close(_logits(compiled), _logits(eager))  # the compiled forward sees the edit
+    # Edits made elsewhere apply and run low-rank through the wrapper too.
+    compiled_handle.revert()
+    reapplied = mk.apply_edits(compiled, compiled_handle.edits)
+    assert all(torch.equal(p, q) for p, q in zip(eager.parameters(), compiled_inner.parameters()))
+    reapplied.revert()
+    with lowrank_edited(compiled, compiled_handle.edits):
+        torch.testing.assert_close(_logits(compiled), _logits(eager))
 
 
 def test_capture_through_a_compiled_model_equals_eager_capture():
