@@ -14,6 +14,7 @@ For an edited layer y = x W^T, dL/dW = sum_i delta_i u_i^T, so MEND never needs 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch import nn
 
 from . import ops
 from .errors import InvalidInputError, TargetError
-from .losses import token_nll
+from .losses import IGNORE_INDEX, token_nll
 from .requests import EditBatch
 from .targets import EditTarget, module_and_layout
 
@@ -147,10 +148,33 @@ def capture_edit_rows(
     model: nn.Module, targets: Sequence[EditTarget], batch: EditBatch, *, shift_labels: bool
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(u, delta) per edited weight for MEND's edit loss: token-mean NLL of the batch's labels."""
+    inputs, labels = batch.model_inputs(), batch.labels
+    keep = _scored_logits(model, labels, shift_labels)
+    if keep is not None:  # the LM head runs on the positions the loss reads, not on the whole prompt
+        inputs["logits_to_keep"] = keep
+        labels = labels[:, -keep:]
     with torch.enable_grad(), RowCapture(model, targets) as capture:
-        logits = model(**batch.model_inputs()).logits
-        loss = token_nll(logits, batch.labels, shift_labels=shift_labels)
+        logits = model(**inputs).logits
+        loss = token_nll(logits, labels, shift_labels=shift_labels)
         if not loss.requires_grad:
             raise TargetError("none of the edited layers is on the path of the edit loss")
         loss.backward()
     return capture.all_rows()
+
+
+def _scored_logits(model: nn.Module, labels: torch.Tensor, shift_labels: bool) -> int | None:
+    """How many final positions' logits a causal LM's edit loss reads, if the model can compute only
+    those (transformers' ``logits_to_keep``) and that saves work; else None.
+
+    With the causal shift the logits at position j score the label at j + 1, so the loss reads the
+    positions from one before the first target token to the end. Edit requests put their target
+    at the end of the prompt, so this is a few positions out of the whole request: the LM head
+    (vocabulary x hidden, the largest matrix of a small model) and its backward run on those only.
+    The loss, and therefore every captured row, is unchanged.
+    """
+    if not shift_labels or "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return None
+    scored = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+    first_target = int(scored[0]) + 1  # make_batch guarantees every request has a target token
+    keep = labels.shape[1] - first_target + 1
+    return keep if keep < labels.shape[1] else None
