@@ -8,9 +8,9 @@ Quick start::
     handle.revert()                                              # restores the weights bit for bit
 """
 
-from . import data, functional, integrations, metrics, ops, train
+from . import data, functional, integrations, memory, metrics, ops, streaming, train
 from .capture import RowCapture, capture_edit_rows
-from .edit import EditHandle, WeightEdit, apply_edits, load_edits, save_edits
+from .edit import EditHandle, WeightEdit, apply_edits, load_edits, lowrank_edited, save_edits
 from .editor import EditorConfig, MENDEditor, ShapeGroupEditor
 from .errors import (
     BackendUnavailableError,
@@ -24,13 +24,13 @@ from .errors import (
 from .functional import broadcast_edits, capture_rows, temporarily_edited
 from .losses import token_nll
 from .requests import encode_requests
+from .streaming import StreamedMetaTrainer, StreamedModel, load_with_deltas, offloaded_weights_attached
 from .targets import PRESETS, EditTarget, resolve_targets, unwrap_model
 from .train import MetaTrainer, TrainConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS",
     "BackendUnavailableError",
     "CheckpointError",
     "EditHandle",
@@ -38,12 +38,15 @@ __all__ = [
     "EditorConfig",
     "InvalidInputError",
     "MENDEditor",
-    "MetaTrainer",
     "MendError",
+    "MetaTrainer",
     "NonFiniteError",
+    "PRESETS",
     "RowCapture",
     "ShapeGroupEditor",
     "StaleEditError",
+    "StreamedMetaTrainer",
+    "StreamedModel",
     "TargetError",
     "TrainConfig",
     "WeightEdit",
@@ -57,10 +60,15 @@ __all__ = [
     "functional",
     "integrations",
     "load_edits",
+    "load_with_deltas",
+    "lowrank_edited",
+    "memory",
     "metrics",
+    "offloaded_weights_attached",
     "ops",
     "resolve_targets",
     "save_edits",
+    "streaming",
     "temporarily_edited",
     "token_nll",
     "train",
