@@ -167,10 +167,12 @@ def write_json(result: dict, path: str | Path) -> None:
 
 
 def set_threads() -> None:
-    """Use every core for the demo's small matrices, and keep transformers' notices off the table."""
+    """Use every core this process may run on (its CPU affinity: taskset, container limits) for the
+    demo's small matrices, and keep transformers' notices off the table."""
     import os
 
     import transformers
 
     transformers.logging.set_verbosity_error()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, cores or 1))
