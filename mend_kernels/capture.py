@@ -149,10 +149,10 @@ def capture_edit_rows(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(u, delta) per edited weight for MEND's edit loss: token-mean NLL of the batch's labels."""
     inputs, labels = batch.model_inputs(), batch.labels
-    keep = _scored_logits(model, labels, shift_labels)
-    if keep is not None:  # the LM head runs on the positions the loss reads, not on the whole prompt
-        inputs["logits_to_keep"] = keep
-        labels = labels[:, -keep:]
+    positions = _scored_positions(model, labels, shift_labels)
+    if positions is not None:  # the LM head runs on the positions the loss reads, not on the whole prompt
+        inputs["logits_to_keep"] = positions
+        labels = labels[:, positions]
     with torch.enable_grad(), RowCapture(model, targets) as capture:
         logits = model(**inputs).logits
         loss = token_nll(logits, labels, shift_labels=shift_labels)
@@ -162,8 +162,8 @@ def capture_edit_rows(
     return capture.all_rows()
 
 
-def _scored_logits(model: nn.Module, labels: torch.Tensor, shift_labels: bool) -> int | None:
-    """How many final positions' logits a causal LM's edit loss reads, if the model can compute only
+def _scored_positions(model: nn.Module, labels: torch.Tensor, shift_labels: bool) -> torch.Tensor | None:
+    """The final positions whose logits a causal LM's edit loss reads, if the model can compute only
     those (transformers' ``logits_to_keep``) and that saves work; else None.
 
     With the causal shift the logits at position j score the label at j + 1, so the loss reads the
@@ -171,10 +171,16 @@ def _scored_logits(model: nn.Module, labels: torch.Tensor, shift_labels: bool) -
     at the end of the prompt, so this is a few positions out of the whole request: the LM head
     (vocabulary x hidden, the largest matrix of a small model) and its backward run on those only.
     The loss, and therefore every captured row, is unchanged.
+
+    The positions go as an index tensor, not a count: a count makes transformers slice the hidden
+    states into a strided view, for which torch's CPU matmul in bf16 takes a batched path that
+    copies the LM head per request (measured: 1.5 s and 593 MiB for 8 requests on GPT-2 small,
+    against 11 ms and 4 MiB with the gathered, contiguous rows).
     """
     if not shift_labels or "logits_to_keep" not in inspect.signature(model.forward).parameters:
         return None
     scored = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
-    first_target = int(scored[0]) + 1  # make_batch guarantees every request has a target token
-    keep = labels.shape[1] - first_target + 1
-    return keep if keep < labels.shape[1] else None
+    first = int(scored[0])  # logits position of the first target; make_batch guarantees one exists
+    if first == 0:
+        return None
+    return torch.arange(first, labels.shape[1], device=labels.device)

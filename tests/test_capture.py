@@ -120,7 +120,7 @@ def test_lm_head_runs_only_on_the_positions_the_loss_reads(kind, monkeypatch):
     seen = []
     model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
     rows = _capture(model, targets, batch)
-    monkeypatch.setattr("mend_kernels.capture._scored_logits", lambda *args: None)  # the whole prompt
+    monkeypatch.setattr("mend_kernels.capture._scored_positions", lambda *args: None)  # the whole prompt
     full = _capture(model, targets, batch)
     assert seen == [4, 9]
     for name in rows:
