@@ -16,12 +16,10 @@ time >= max(bytes / 3.35 TB/s, FLOPs / 67 TFLOP/s fp32) for the fused forward + 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import mend_kernels as mk
-from benchmarks.harness import median_seconds, peak_rss_bytes, print_table, run_isolated, write_csv
+from benchmarks.harness import benchmark_main, median_seconds, peak_rss_bytes, print_table, run_isolated
 from mend_kernels.ops import backend_status
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3
@@ -67,10 +65,10 @@ def gpu_estimate_us(rows: int, dim: int = DIM, rank: int = RANK, layers: int = L
     return moved, flops, 1e6 * max(moved / H100_BANDWIDTH, flops / H100_FP32)
 
 
-def memory_probe(provider: str, rows: int) -> int:
+def memory_probe(provider: str, rows: int | str) -> int:
     """Peak extra bytes of one forward + backward of ``provider`` (run in a fresh process by the parent)."""
     providers(*operands(4, 64, 16))[provider]()  # one-time initialisation (thread pools, BLAS buffers)
-    inputs = operands(rows)
+    inputs = operands(int(rows))
     for p in inputs[3]:  # gradients exist before the measurement, as in a training loop after step 1
         p.grad = torch.zeros_like(p)
     baseline = peak_rss_bytes()
@@ -104,19 +102,8 @@ def run(quick: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="16 and 256 rows only")
-    parser.add_argument("--csv", help="write long-format rows to this CSV file")
-    parser.add_argument("--memory-probe", nargs=2, metavar=("PROVIDER", "ROWS"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.memory_probe:
-        provider, rows = args.memory_probe
-        print(memory_probe(provider, int(rows)))
-        return 0
-    records = run(args.quick)
-    if args.csv:
-        write_csv(records, args.csv)
-    return 0
+    return benchmark_main(argv, __doc__, lambda args: run(args.quick), quick_help="16 and 256 rows only",
+                          memory_probe=memory_probe, probe_metavar=("PROVIDER", "ROWS"))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,10 @@ measurements: time >= max(bytes / 3.35 TB/s, FLOPs / 67 TFLOP/s fp32).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import mend_kernels as mk
-from benchmarks.harness import median_seconds, peak_rss_bytes, print_table, run_isolated, write_csv
+from benchmarks.harness import benchmark_main, median_seconds, peak_rss_bytes, print_table, run_isolated
 from mend_kernels.ops import backend_status
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3
@@ -104,11 +102,11 @@ def gpu_estimate_us(out_features: int, in_features: int, rows: int) -> tuple[flo
     return moved, flops, 1e6 * max(moved / H100_BANDWIDTH, flops / H100_FP32)
 
 
-def memory_probe(provider: str, out_features: int, in_features: int, rows: int) -> int:
+def memory_probe(provider: str, out_features: int | str, in_features: int | str, rows: int | str) -> int:
     """Peak extra bytes of one call of ``provider`` (run in a fresh process by the parent)."""
-    small = operands(64, 32, rows)
+    small = operands(64, 32, int(rows))
     providers(*small, None)[provider]()  # one-time initialisation (thread pools, BLAS buffers)
-    weight, u, delta = operands(out_features, in_features, rows)
+    weight, u, delta = operands(int(out_features), int(in_features), int(rows))
     baseline = peak_rss_bytes()
     providers(weight, u, delta, None)[provider]()
     return peak_rss_bytes() - baseline
@@ -148,19 +146,8 @@ def run(quick: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="K = 64 only")
-    parser.add_argument("--csv", help="write long-format rows to this CSV file")
-    parser.add_argument("--memory-probe", nargs=4, metavar=("PROVIDER", "OUT", "IN", "ROWS"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.memory_probe:
-        provider, *sizes = args.memory_probe
-        print(memory_probe(provider, *map(int, sizes)))
-        return 0
-    records = run(args.quick)
-    if args.csv:
-        write_csv(records, args.csv)
-    return 0
+    return benchmark_main(argv, __doc__, lambda args: run(args.quick), quick_help="K = 64 only",
+                          memory_probe=memory_probe, probe_metavar=("PROVIDER", "OUT", "IN", "ROWS"))
 
 
 if __name__ == "__main__":

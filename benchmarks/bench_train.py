@@ -17,13 +17,14 @@ step after a warm-up step).
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
 from benchmarks.bench_edit import every_op_on, mend_backends, untrained_editor
-from benchmarks.harness import median_seconds, memory_of_call, print_table, run_isolated, write_csv
+from benchmarks.harness import (
+    benchmark_main, median_seconds, memory_of_call, print_table, release_freed_memory, run_isolated,
+)
 from benchmarks.models import DTYPES, build_model, parameter_count, parse_spec
 from benchmarks.naive import naive_train_step
 from mend_kernels.data import make_world, train_word_tokenizer
@@ -78,6 +79,7 @@ def run(quick: bool) -> list[dict]:
         calls = providers(trainer)
         times = {name: median_seconds(call, warmup=1, repeats=5) for name, call in calls.items()}
         del trainer, calls
+        release_freed_memory()
         memory = {
             name: json.loads(run_isolated("benchmarks.bench_train", "--memory-probe", name, model_name, dtype))
             for name in times
@@ -105,18 +107,8 @@ def run(quick: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="GPT-2 small only")
-    parser.add_argument("--csv", help="write long-format rows to this CSV file")
-    parser.add_argument("--memory-probe", nargs=3, metavar=("PROVIDER", "MODEL", "DTYPE"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.memory_probe:
-        print(json.dumps(memory_probe(*args.memory_probe)))
-        return 0
-    records = run(args.quick)
-    if args.csv:
-        write_csv(records, args.csv)
-    return 0
+    return benchmark_main(argv, __doc__, lambda args: run(args.quick), quick_help="GPT-2 small only",
+                          memory_probe=memory_probe, probe_metavar=("PROVIDER", "MODEL", "DTYPE"))
 
 
 if __name__ == "__main__":

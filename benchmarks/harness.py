@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
+import ctypes
+import gc
+import json
 import os
 import platform
 import statistics
@@ -54,6 +58,19 @@ def _rss_field(name: str) -> int:
         if line.startswith(name + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"{name} not available: memory measurement needs Linux")
+
+
+def release_freed_memory() -> None:
+    """Give freed memory back to the OS before a memory probe starts in another process.
+
+    glibc keeps freed blocks below its mmap threshold (up to 32 MB, so most weight matrices) in the
+    heap; a process that has just dropped a large model would otherwise still hold its size in RSS
+    while the probe process builds its own copy."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def reset_peak_rss() -> None:
@@ -125,3 +142,33 @@ def print_table(headers: list[str], lines: list[list[object]]) -> None:
     print("  ".join("-" * w for w in widths))
     for line in lines:
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
+
+
+def benchmark_main(
+    argv: list[str] | None,
+    doc: str,
+    run: Callable[[argparse.Namespace], list[dict]],
+    *,
+    quick_help: str,
+    memory_probe: Callable[..., object] | None = None,
+    probe_metavar: tuple[str, ...] = (),
+    extra_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """The command line every benchmark module shares: --quick, --csv, and the hidden --memory-probe
+    with which :func:`run_isolated` measures one provider in a fresh process (its result is printed
+    as JSON; the probe gets its arguments as strings)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--csv", help="write long-format rows to this CSV file")
+    if extra_arguments is not None:
+        extra_arguments(parser)
+    if memory_probe is not None:
+        parser.add_argument("--memory-probe", nargs=len(probe_metavar), metavar=probe_metavar, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if getattr(args, "memory_probe", None):
+        print(json.dumps(memory_probe(*args.memory_probe)))
+        return 0
+    records = run(args)
+    if args.csv:
+        write_csv(records, args.csv)
+    return 0

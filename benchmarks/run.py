@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"\n== {name} ==", flush=True)
         records += SUITES[name].run(args.quick)
-    write_csv(records, out / "results.csv")
+        write_csv(records, out / "results.csv")  # after every suite: a later crash keeps what was measured
     figures = plots.edit_figures(records, out) + plots.train_figure(records, out)
     rows = target_rows(records)
     if rows:
