@@ -48,12 +48,10 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .._checks import WEIGHT_DTYPES, check_tensor
+from .._checks import WEIGHT_DTYPES, check_frozen_linear, check_frozen_weight, check_tensor
 from ..errors import InvalidInputError
 from ._dispatch import Op
 from .lowrank_linear import _block
-
-LAYOUTS = ("linear", "conv1d")
 
 CAPTURE_LINEAR = Op("capture_linear")
 
@@ -104,33 +102,10 @@ def capture_linear(
 
 def _check_args(x, weight, bias, delta_out, anchor, layout) -> tuple[int, int]:
     """(in, out) after checking every forward argument; each failure names the argument."""
-    check_tensor("x", x, dtypes=WEIGHT_DTYPES)
-    if x.dim() < 1:
-        raise InvalidInputError(f"x must have at least 1 dimension (..., in), got shape {tuple(x.shape)}")
-    n_in, n_out = _check_weight(weight, layout, x.dtype, x.device)
-    if x.shape[-1] != n_in:
-        expected = "(out, in)" if layout == "linear" else "(in, out)"
-        raise InvalidInputError(
-            f"x must have shape (..., {n_in}) to match weight {tuple(weight.shape)} {expected} "
-            f"for layout {layout!r}, got {tuple(x.shape)}"
-        )
-    if bias is not None:
-        check_tensor("bias", bias, device=x.device, shape=(n_out,))
-        if bias.dtype != x.dtype:
-            raise InvalidInputError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    n_in, n_out = check_frozen_linear(x, weight, bias, layout)
     _check_delta_out(delta_out, x, n_out)
     if anchor is not None:
         check_tensor("anchor", anchor, dtypes=(torch.float32,), device=x.device, shape=(0,))
-    return n_in, n_out
-
-
-def _check_weight(weight, layout, dtype, device) -> tuple[int, int]:
-    if layout not in LAYOUTS:
-        raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    check_tensor("weight", weight, ndim=2, device=device)
-    if weight.dtype != dtype:
-        raise InvalidInputError(f"weight must have x's dtype {dtype}, got {weight.dtype}")
-    n_in, n_out = weight.shape[::-1] if layout == "linear" else weight.shape
     return n_in, n_out
 
 
@@ -146,7 +121,7 @@ def _check_backward_args(grad, weight, delta_out, layout) -> tuple[int, int]:
     check_tensor("grad", grad, dtypes=WEIGHT_DTYPES)
     if grad.dim() < 1:
         raise InvalidInputError(f"grad must have at least 1 dimension (..., out), got shape {tuple(grad.shape)}")
-    n_in, n_out = _check_weight(weight, layout, grad.dtype, grad.device)
+    n_in, n_out = check_frozen_weight(weight, layout, grad, "grad")
     if grad.shape[-1] != n_out:
         raise InvalidInputError(f"grad must have shape (..., {n_out}), got {tuple(grad.shape)}")
     _check_delta_out(delta_out, grad, n_out)

@@ -30,12 +30,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._checks import WEIGHT_DTYPES, check_tensor
+from .._checks import check_frozen_linear, check_tensor
 from ..errors import InvalidInputError
 from ._dispatch import Op
 from .rank_update import RANK_UPDATE
-
-LAYOUTS = ("linear", "conv1d")
 
 LOWRANK_LINEAR = Op("lowrank_linear")
 
@@ -78,25 +76,7 @@ def lowrank_linear(
 
 def _check_args(x, weight, bias, u, delta, scale, layout) -> tuple[int, int]:
     """(in, out) after checking every argument; each failure names the argument."""
-    check_tensor("x", x, dtypes=WEIGHT_DTYPES)
-    if x.dim() < 1:
-        raise InvalidInputError(f"x must have at least 1 dimension (..., in), got shape {tuple(x.shape)}")
-    if layout not in LAYOUTS:
-        raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    check_tensor("weight", weight, ndim=2, device=x.device)
-    if weight.dtype != x.dtype:
-        raise InvalidInputError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
-    n_in, n_out = weight.shape[::-1] if layout == "linear" else weight.shape
-    if x.shape[-1] != n_in:
-        expected = "(out, in)" if layout == "linear" else "(in, out)"
-        raise InvalidInputError(
-            f"x must have shape (..., {n_in}) to match weight {tuple(weight.shape)} {expected} "
-            f"for layout {layout!r}, got {tuple(x.shape)}"
-        )
-    if bias is not None:
-        check_tensor("bias", bias, device=x.device, shape=(n_out,))
-        if bias.dtype != x.dtype:
-            raise InvalidInputError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    n_in, n_out = check_frozen_linear(x, weight, bias, layout)
     check_tensor("u", u, dtypes=(torch.float32,), device=x.device, shape=(None, n_in), min_rows=1)
     check_tensor("delta", delta, dtypes=(torch.float32,), device=x.device, shape=(u.shape[0], n_out))
     check_tensor("scale", scale, dtypes=(torch.float32,), device=x.device, shape=())

@@ -16,11 +16,9 @@ from collections.abc import Sequence
 import torch
 
 from .. import _native
-from .._checks import WEIGHT_DTYPES, check_tensor
+from .._checks import WEIGHT_DTYPES, check_layout, check_tensor
 from ..errors import InvalidInputError
 from ._dispatch import Op
-
-LAYOUTS = ("linear", "conv1d")
 
 RANK_UPDATE = Op("rank_update_")
 RANK_UPDATES = Op("rank_updates_")
@@ -67,8 +65,7 @@ def _indexed_names(index: int) -> dict[str, str]:
 def _kernel_factors(weight, u, delta, layout, names: dict[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks one weight's arguments and maps MEND's (u, delta) onto the kernel's (a, b) for its layout."""
     check_tensor(names["weight"], weight, ndim=2, dtypes=WEIGHT_DTYPES)
-    if layout not in LAYOUTS:
-        raise InvalidInputError(f"{names['layout']} must be one of {LAYOUTS}, got {layout!r}")
+    check_layout(layout, names["layout"])
     n_in, n_out = weight.shape[::-1] if layout == "linear" else weight.shape
     check_tensor(names["u"], u, dtypes=(torch.float32,), device=weight.device, shape=(None, n_in), min_rows=1)
     check_tensor(names["delta"], delta, dtypes=(torch.float32,), device=weight.device, shape=(u.shape[0], n_out))
