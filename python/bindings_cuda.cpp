@@ -13,13 +13,13 @@
 #include <string>
 
 #include "binding_checks.h"
+#include "editor_bindings.h"
 #include "mend/kernels.h"
 
 namespace py = pybind11;
 
 namespace {
 
-using mend_binding::require;
 using mend_binding::require_pointer;
 
 // Pointers of this module are CUDA device addresses (tensor.data_ptr() of CUDA tensors).
@@ -72,56 +72,27 @@ void running_moments(uintptr_t mean_ptr, uintptr_t m2_ptr, uintptr_t count_ptr, 
   raise_cuda(status, "running_moments");
 }
 
-// The editor's element-wise passes (mend_cuda_editor_*): all float32, (n, d) arrays contiguous.
+// The editor's element-wise passes (mend_cuda_editor_*): checks and calls shared in editor_bindings.h.
 void editor_normalize(uintptr_t z_ptr, uintptr_t rows_ptr, int64_t ldr, uintptr_t mean_ptr, uintptr_t std_ptr,
                       float eps, int64_t n, int64_t d, uintptr_t stream) {
-  mend_binding::check_pointers(kPtr, {{z_ptr, "z_ptr"}, {rows_ptr, "rows_ptr"}, {mean_ptr, "mean_ptr"},
-                                      {std_ptr, "std_ptr"}});
-  mend_binding::check_editor_sizes(n, d);
-  require(ldr >= d, "ldr (row stride of rows, in elements) must be >= d");
-  int status;
-  {
-    py::gil_scoped_release release;
-    status = mend_cuda_editor_normalize(reinterpret_cast<float*>(z_ptr), reinterpret_cast<const float*>(rows_ptr),
-                                       ldr, reinterpret_cast<const float*>(mean_ptr),
-                                       reinterpret_cast<const float*>(std_ptr), eps, n, d, stream);
-  }
-  raise_cuda(status, "editor_normalize");
+  raise_cuda(mend_binding::editor_normalize(mend_cuda_editor_normalize, kPtr, z_ptr, rows_ptr, ldr, mean_ptr, std_ptr,
+                                             eps, n, d, stream),
+             "editor_normalize");
 }
 
 void editor_layer_forward(uintptr_t out_ptr, uintptr_t pre_ptr, uintptr_t res_ptr, uintptr_t scale_ptr,
                           uintptr_t shift_ptr, int64_t n, int64_t d, uintptr_t stream) {
-  mend_binding::check_pointers(kPtr, {{out_ptr, "out_ptr"}, {pre_ptr, "pre_ptr"}, {res_ptr, "res_ptr"},
-                                      {scale_ptr, "scale_ptr"}, {shift_ptr, "shift_ptr"}});
-  mend_binding::check_editor_sizes(n, d);
-  int status;
-  {
-    py::gil_scoped_release release;
-    status = mend_cuda_editor_layer_forward(
-        reinterpret_cast<float*>(out_ptr), reinterpret_cast<const float*>(pre_ptr),
-        reinterpret_cast<const float*>(res_ptr), reinterpret_cast<const float*>(scale_ptr),
-        reinterpret_cast<const float*>(shift_ptr), n, d, stream);
-  }
-  raise_cuda(status, "editor_layer_forward");
+  raise_cuda(mend_binding::editor_layer_forward(mend_cuda_editor_layer_forward, kPtr, out_ptr, pre_ptr, res_ptr,
+                                                 scale_ptr, shift_ptr, n, d, stream),
+             "editor_layer_forward");
 }
 
 void editor_layer_backward(uintptr_t ga_ptr, uintptr_t g_ptr, uintptr_t pre_ptr, uintptr_t scale_ptr,
                            uintptr_t shift_ptr, uintptr_t dbias_ptr, uintptr_t dscale_ptr, uintptr_t dshift_ptr,
                            int64_t n, int64_t d, uintptr_t stream) {
-  mend_binding::check_pointers(kPtr, {{ga_ptr, "ga_ptr"}, {g_ptr, "g_ptr"}, {pre_ptr, "pre_ptr"},
-                                      {scale_ptr, "scale_ptr"}, {shift_ptr, "shift_ptr"}, {dbias_ptr, "dbias_ptr"},
-                                      {dscale_ptr, "dscale_ptr"}, {dshift_ptr, "dshift_ptr"}});
-  mend_binding::check_editor_sizes(n, d);
-  int status;
-  {
-    py::gil_scoped_release release;
-    status = mend_cuda_editor_layer_backward(
-        reinterpret_cast<float*>(ga_ptr), reinterpret_cast<const float*>(g_ptr),
-        reinterpret_cast<const float*>(pre_ptr), reinterpret_cast<const float*>(scale_ptr),
-        reinterpret_cast<const float*>(shift_ptr), reinterpret_cast<float*>(dbias_ptr),
-        reinterpret_cast<float*>(dscale_ptr), reinterpret_cast<float*>(dshift_ptr), n, d, stream);
-  }
-  raise_cuda(status, "editor_layer_backward");
+  raise_cuda(mend_binding::editor_layer_backward(mend_cuda_editor_layer_backward, kPtr, ga_ptr, g_ptr, pre_ptr,
+                                                  scale_ptr, shift_ptr, dbias_ptr, dscale_ptr, dshift_ptr, n, d, stream),
+             "editor_layer_backward");
 }
 
 #ifndef MEND_CUDA_RUNTIME_LINKAGE
@@ -162,13 +133,13 @@ PYBIND11_MODULE(_C_cuda, m) {
         "number of rows already merged (not modified).");
   m.def("editor_normalize", &editor_normalize, py::arg("z_ptr"), py::arg("rows_ptr"), py::arg("ldr"),
         py::arg("mean_ptr"), py::arg("std_ptr"), py::arg("eps"), py::arg("n"), py::arg("d"), py::arg("stream"),
-        "z = (rows - mean) / (std + eps); rows (n, d) with row stride ldr, z contiguous; float32.");
+        mend_binding::kEditorNormalizeDoc);
   m.def("editor_layer_forward", &editor_layer_forward, py::arg("out_ptr"), py::arg("pre_ptr"), py::arg("res_ptr"),
         py::arg("scale_ptr"), py::arg("shift_ptr"), py::arg("n"), py::arg("d"), py::arg("stream"),
-        "out = res + clamp(pre * scale + shift, min=0); (n, d) contiguous float32, scale/shift (d,).");
+        mend_binding::kEditorLayerForwardDoc);
   m.def("editor_layer_backward", &editor_layer_backward, py::arg("ga_ptr"), py::arg("g_ptr"), py::arg("pre_ptr"),
         py::arg("scale_ptr"), py::arg("shift_ptr"), py::arg("dbias_ptr"), py::arg("dscale_ptr"),
         py::arg("dshift_ptr"), py::arg("n"), py::arg("d"), py::arg("stream"),
-        "ga = g * [pre * scale + shift >= 0] * scale and the column sums dshift, dscale, dbias (deterministic).");
+        mend_binding::kEditorLayerBackwardDoc);
   m.def("build_info", &build_info, "dict: nvcc_version, architectures (list of compute capabilities, e.g. [80, 90]), cuda_runtime, build_type.");
 }
