@@ -139,20 +139,12 @@ MEND_SIMD_VARIANTS(normalize, Normalize, for (int64_t r = i; r < i + w; ++r) nor
 MEND_SIMD_VARIANTS(layer_forward, LayerForward, for (int64_t r = i; r < i + w; ++r) layer_forward_row(p, r))
 MEND_SIMD_VARIANTS(layer_backward, LayerBackward, layer_backward_chunk(p, i, w))
 
-static int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
 // Calls fn(args, first, width) over [0, total) in blocks of `block`, in parallel when worth it.
 template <typename Args>
 static void for_blocks(void (*fn)(const Args&, int64_t, int64_t), const Args& args, int64_t total, int64_t block,
                        double elements) {
   const int64_t n_blocks = (total + block - 1) / block;
-  const bool parallel = max_threads() > 1 && n_blocks > 1 && elements > kParallelElements;
+  const bool parallel = mend_cpu::max_threads() > 1 && n_blocks > 1 && elements > kParallelElements;
   (void)parallel;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (parallel)
@@ -164,7 +156,7 @@ static void for_blocks(void (*fn)(const Args&, int64_t, int64_t), const Args& ar
 }
 
 // Rows per block of the row kernels: a few blocks per thread, at least one row.
-static int64_t row_block(int64_t n) { return std::max<int64_t>(1, n / (4 * max_threads())); }
+static int64_t row_block(int64_t n) { return std::max<int64_t>(1, n / (4 * mend_cpu::max_threads())); }
 
 static bool valid_sizes(int64_t n, int64_t d) { return n >= 1 && d >= 1; }
 

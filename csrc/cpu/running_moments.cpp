@@ -153,11 +153,7 @@ static int running_moments(float* mean, float* m2, int64_t count, const float* x
   if (mean == nullptr || m2 == nullptr || x == nullptr) return MEND_ERR_INVALID_ARGUMENT;
   if (n < 1 || d < 1 || ldx < d || count < 0) return MEND_ERR_INVALID_ARGUMENT;
 
-#ifdef _OPENMP
-  const int threads = omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
+  const int threads = mend_cpu::max_threads();
   // Chunk width: the n x cw block of x should stay in cache (~2 MiB) between the two passes, and
   // there should be a few chunks per thread.
   int64_t cw = (MEND_RM_CACHE_BYTES) / (n * static_cast<int64_t>(sizeof(float)));

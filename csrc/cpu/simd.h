@@ -10,6 +10,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if !defined(__GNUC__) && !defined(__clang__)
 #error "mend_kernels CPU kernels need GCC or Clang (vector extensions, target attributes)"
 #endif
@@ -61,6 +65,15 @@ inline SimdPath selected_simd_path() {
   else if (std::strcmp(env, "avx2") == 0) want = kAvx2;
   else if (std::strcmp(env, "avx512") == 0) want = kAvx512;
   return want < hw ? want : hw;
+}
+
+// Threads a parallel region may use (OpenMP's, shared with torch's libgomp); 1 without OpenMP.
+inline int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
 }
 
 inline const char* simd_path_name(SimdPath p) {
